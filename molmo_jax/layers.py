@@ -1,0 +1,175 @@
+"""Building blocks shared by the ViT, the connector and the LLM.
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds *logical* axis names
+(`embed`, `mlp`, `heads`, ...). `molmo_jax.sharding` maps them to mesh axes with one rules table.
+Layers that are scanned are created with a leading `layers` axis (`stack=n`), so one set of
+arrays holds all blocks and `jax.lax.scan` runs them: compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+# The original's init for new weights (init_fn "normal", init_std 0.02).
+DEFAULT_INIT_STD = 0.02
+
+
+def dtype_of(name) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Axes, dtype, init: str = "normal",
+          std: float = DEFAULT_INIT_STD, stack: int = 0) -> nnx.Param:
+    """A parameter with logical axis names. `stack > 0` prepends a `layers` axis of that size."""
+    shape = tuple(int(s) for s in shape)
+    axes = tuple(axes)
+    if len(shape) != len(axes):
+        raise ValueError(f"parameter shape {shape} and logical axes {axes} differ in rank")
+    if stack:
+        shape, axes = (stack,) + shape, ("layers",) + axes
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
+
+    Kernels are stored [in..., out...] (Flax convention; PyTorch's [out, in] is transposed on load).
+    """
+
+    def __init__(self, in_shape, out_shape, in_axes: Axes, out_axes: Axes, *, use_bias=False,
+                 dtype="float32", param_dtype="float32", rngs=None, stack=0, std=DEFAULT_INIT_STD):
+        self.in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (in_shape,)
+        self.out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
+        self.dtype = dtype_of(dtype)
+        self.kernel = param(rngs, self.in_shape + self.out_shape, tuple(in_axes) + tuple(out_axes),
+                            param_dtype, std=std, stack=stack)
+        self.bias = (param(rngs, self.out_shape, out_axes, param_dtype, init="zeros", stack=stack)
+                     if use_bias else None)
+
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        kernel = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then times the weight (spec 10.2)."""
+
+    def __init__(self, dim: int, eps: float, axis_name="norm", *, param_dtype="float32", stack=0):
+        self.eps = eps
+        self.weight = param(None, (dim,), (axis_name,), param_dtype, init="ones", stack=stack)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(dtype) * self.weight[...].astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias, computed in float32 (the ViT's norms)."""
+
+    def __init__(self, dim: int, eps: float, axis_name="vit_embed", *, param_dtype="float32", stack=0):
+        self.eps = eps
+        self.weight = param(None, (dim,), (axis_name,), param_dtype, init="ones", stack=stack)
+        self.bias = param(None, (dim,), (axis_name,), param_dtype, init="zeros", stack=stack)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": jax.nn.gelu, "silu": jax.nn.silu,
+               "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def rope(x, positions, theta: float):
+    """Rotate-half RoPE in float32. x: [B, T, H, hd]; positions: [B, T] integer."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]      # [B, T, 1, hd]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attend(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None):
+    """Multi-head attention core with grouped-query heads, softmax in float32.
+
+    q: [B, T, Hq, hd]; k, v: [B, S, Hkv, hd]; mask: bool, broadcastable to [B, 1, 1, T, S]
+    (True = may attend). Query head h reads kv head h // (Hq / Hkv), the original's
+    repeat_interleave, done by reshaping instead of copying K/V.
+    """
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    q = q.reshape(b, t, hkv, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, hq, hd)
+
+
+def scan_layers(body, carry, stacked_module: nnx.Module, xs=None, remat: str = "none",
+                start: int = 0, stop: int | None = None):
+    """Run `body(carry, layer_module, x) -> (carry, y)` over a stacked module with lax.scan.
+
+    `start`/`stop` select a contiguous range of layers (used by the ViT to stop after the last layer
+    whose output is needed).
+    """
+    graphdef, state = nnx.split(stacked_module)
+    if start != 0 or stop is not None:
+        state = jax.tree.map(lambda a: a[start:stop], state)
+        if xs is not None:
+            xs = jax.tree.map(lambda a: a[start:stop], xs)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(c, nnx.merge(graphdef, layer_state), x)
+
+    if remat != "none":
+        policy = REMAT_POLICIES[remat]
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}

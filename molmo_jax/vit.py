@@ -1,0 +1,86 @@
+"""The image encoder: a CLIP-style ViT (spec section 8).
+
+Input: crops as flattened patches [N, P, 588] ((dy, dx, rgb) order, already normalised).
+Patch embedding without bias, class token, learned positions, `pre_ln`, pre-norm residual blocks
+with biased q/k/v/o and a quick_gelu MLP, and no final norm. The output is the concatenation of the
+block outputs named by `vit_layers` (negative = from the end), CLS row dropped.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax import config as config_lib
+from molmo_jax.layers import ACTIVATIONS, Dense, LayerNorm, attend, param, scan_layers
+
+
+class ViTBlock(nnx.Module):
+    def __init__(self, vcfg, *, dtype, param_dtype, rngs, stack=0):
+        d, h, hd, m = vcfg.width, vcfg.n_heads, vcfg.head_dim, vcfg.mlp_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack, use_bias=True)
+        self.attention_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
+        self.wq = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
+        self.wk = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
+        self.wv = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
+        self.wo = Dense((h, hd), d, ("vit_heads", "head_dim"), ("vit_embed",), **kw)
+        self.ffn_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
+        self.w1 = Dense(d, m, ("vit_embed",), ("vit_mlp",), **kw)
+        self.w2 = Dense(m, d, ("vit_mlp",), ("vit_embed",), **kw)
+        self.act = ACTIVATIONS[vcfg.activation]
+
+    def __call__(self, x):
+        y = self.attention_norm(x)
+        x = x + self.wo(attend(self.wq(y), self.wk(y), self.wv(y)))
+        return x + self.w2(self.act(self.w1(self.ffn_norm(x))))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        v = cfg.vit
+        self.cfg = cfg
+        dtype, pdt = cfg.dtype, cfg.param_dtype
+        ph, pw = config_lib.patches_per_side(cfg)
+        patch_dim = v.patch_size * v.patch_size * 3
+        self.patch_embedding = Dense(patch_dim, v.width, ("patch",), ("vit_embed",), dtype=dtype,
+                                     param_dtype=pdt, rngs=rngs)
+        self.class_embedding = param(rngs, (v.width,), ("vit_embed",), pdt)
+        self.positional_embedding = param(rngs, (1 + ph * pw, v.width), ("vit_pos", "vit_embed"), pdt)
+        self.pre_ln = LayerNorm(v.width, v.norm_eps, param_dtype=pdt)
+        self.blocks = ViTBlock(v, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=v.n_layers)
+        self.dtype = jnp.dtype(dtype)
+
+    def embed(self, patches):
+        """[N, P, 588] -> [N, 1+P, D]: the input of the first block."""
+        n = patches.shape[0]
+        x = self.patch_embedding(patches)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.positional_embedding[...].astype(self.dtype)[None, : x.shape[1]]
+        return self.pre_ln(x)
+
+    def __call__(self, patches, *, return_all_layers: bool = False):
+        """Features of the selected layers, concatenated: [N, P, k*D] (CLS dropped).
+
+        With `return_all_layers`, also returns every block output [n_layers, N, 1+P, D].
+        Blocks after the last selected one are not run.
+        """
+        cfg = self.cfg
+        layers = config_lib.resolved_vit_layers(cfg)
+        x = self.embed(patches)
+
+        def body(carry, block, _):
+            out = block(carry)
+            return out, (out if return_all_layers else None)
+
+        if return_all_layers:
+            _, hidden = scan_layers(body, x, self.blocks, remat=cfg.remat)
+            feats = jnp.concatenate([hidden[i] for i in layers], axis=-1)
+            return feats[:, 1:], hidden
+        # Run the blocks in segments that end at each needed layer, keeping those outputs.
+        outputs, start = {}, 0
+        for stop in sorted(set(l + 1 for l in layers)):
+            x, _ = scan_layers(body, x, self.blocks, remat=cfg.remat, start=start, stop=stop)
+            outputs[stop - 1], start = x, stop
+        feats = jnp.concatenate([outputs[i] for i in layers], axis=-1)
+        return feats[:, 1:]
