@@ -127,12 +127,12 @@ def load_flat(cfg, directory) -> dict:
         return torch_format.torch_to_flat(cfg, get, expected, source=str(directory))
 
 
-def load_pytorch_dir(directory, dtype=None, **overrides):
+def load_pytorch_dir(directory, **overrides):
     """(config, model) from a PyTorch-format directory. `overrides` update the config's top level
-    (e.g. dtype="bfloat16")."""
+    (e.g. dtype="bfloat16", param_dtype="bfloat16")."""
     if not os.path.isdir(directory):
         raise WeightsError(f"{directory}: not a directory")
     cfg = load_config(directory)
     cfg.update(overrides)
     flat = load_flat(cfg, directory)
-    return cfg, model_from_flat(cfg, flat, dtype)
+    return cfg, model_from_flat(cfg, flat)

@@ -1,0 +1,130 @@
+"""Loading PyTorch-format directories: both layouts, and clear errors for bad checkpoints."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import GOLDEN
+from molmo_jax import pretrained, torch_format
+from molmo_jax.torch_format import WeightsError
+
+SRC = GOLDEN / "models" / "qwen2_style"
+
+
+def copy_model(tmp_path, tensors=None, config=None):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(SRC / "config.json", d / "config.json")
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(config))
+    save_file(tensors if tensors is not None else load_file(SRC / "model.safetensors"), d / "model.safetensors")
+    return d
+
+
+def test_roundtrip_torch_naming_is_exact():
+    cfg = pretrained.load_config(SRC)
+    tensors = load_file(SRC / "model.safetensors")
+    flat = torch_format.torch_to_flat(cfg, lambda k: tensors["model." + k], pretrained.param_paths(cfg))
+    back = torch_format.flat_to_torch(cfg, flat)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_sharded_hf_layout_loads_the_same(tmp_path):
+    """Shards + index, as the released checkpoints are stored."""
+    tensors = load_file(SRC / "model.safetensors")
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(SRC / "config.json", d / "config.json")
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, ks in halves.items():
+        save_file({k: tensors[k] for k in ks}, d / name)
+        weight_map.update({k: name for k in ks})
+    (d / pretrained.INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = pretrained.load_config(SRC)
+    a, b = pretrained.load_flat(cfg, SRC), pretrained.load_flat(cfg, d)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    # A shard missing from the directory is named.
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WeightsError, match="model-00002-of-00002.safetensors"):
+        pretrained.load_flat(cfg, d)
+
+
+def test_missing_key_is_named(tmp_path):
+    tensors = load_file(SRC / "model.safetensors")
+    del tensors["model.transformer.blocks.1.ff_out.weight"]
+    with pytest.raises(WeightsError, match=r"missing key 'model.transformer.blocks.1.ff_out.weight'"):
+        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+
+
+def test_unexpected_key_is_named(tmp_path):
+    tensors = load_file(SRC / "model.safetensors")
+    tensors["model.transformer.blocks.0.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(WeightsError, match="unexpected keys.*blocks.0.extra.weight"):
+        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+
+
+def test_misshaped_key_names_key_and_both_shapes(tmp_path):
+    tensors = load_file(SRC / "model.safetensors")
+    tensors["model.transformer.ln_f.weight"] = np.ones(65, np.float32)
+    with pytest.raises(WeightsError, match=r"transformer.ln_f.weight.*\(65,\).*\(64,\)"):
+        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+
+
+def test_config_that_does_not_match_weights(tmp_path):
+    config = json.loads((SRC / "config.json").read_text())
+    config["n_layers"] = 3  # the weights have 2 blocks
+    with pytest.raises(WeightsError, match="missing key 'model.transformer.blocks.2"):
+        pretrained.load_pytorch_dir(copy_model(tmp_path, config=config))
+
+
+def test_truncated_safetensors(tmp_path):
+    d = copy_model(tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        pretrained.load_pytorch_dir(d)
+
+
+def test_unsupported_config_field(tmp_path):
+    config = json.loads((SRC / "config.json").read_text())
+    config["vision_backbone"]["image_model_type"] = "siglip"
+    with pytest.raises(WeightsError, match="image_model_type='siglip'"):
+        pretrained.load_pytorch_dir(copy_model(tmp_path, config=config))
+
+
+def test_forward_command_writes_golden_names(tmp_path):
+    out = tmp_path / "out.npz"
+    src = GOLDEN / "models" / "olmo_style"
+    proc = subprocess.run([sys.executable, "-m", "tools.forward", str(src), "--inputs", str(src / "inputs.npz"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "loss" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+    got, exp = np.load(out), np.load(src / "expected.npz")
+    np.testing.assert_allclose(got["logits"], exp["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["connector_output"], exp["connector_output"], atol=2e-4, rtol=0)
+    valid = np.load(src / "inputs.npz")["batch2_input_ids"] != -1
+    assert np.max(np.abs(got["batch2_logits"] - exp["batch2_logits"])[valid]) <= 1e-4
+    assert abs(float(got["loss"]) - float(exp["loss"])) <= 1e-5
+
+
+def test_forward_command_bad_inputs(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((1, 4), np.int64))
+    proc = subprocess.run([sys.executable, "-m", "tools.forward", str(GOLDEN / "models" / "olmo_style"),
+                           "--inputs", str(bad), "--out", str(tmp_path / "o.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "missing arrays images, image_masks, image_input_idx" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.npz").exists()

@@ -1,0 +1,99 @@
+"""Run the Molmo forward pass of a PyTorch-format model directory on golden-style inputs.
+
+    python -m tools.forward MODEL_DIR --inputs INPUTS.npz --out OUT.npz [--dtype bfloat16]
+
+INPUTS.npz uses the golden layout: `input_ids`, `images`, `image_masks`, `image_input_idx`, and
+optionally the `batch2_*` (a padded batch) and `loss_*` (training example: `loss_input_ids`,
+`loss_labels`, `loss_masks`) variants. OUT.npz gets `logits`, `connector_output`, and
+`batch2_logits` / `loss` / `z_loss` when their inputs are present.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+REQUIRED = ("input_ids", "images", "image_masks", "image_input_idx")
+
+
+def read_inputs(path) -> dict:
+    try:
+        with np.load(path) as f:
+            data = dict(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file")
+    except Exception as e:  # zip/pickle errors of a file that is not an npz
+        raise SystemExit(f"error: {path}: not a readable .npz file ({e})")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise SystemExit(f"error: {path}: missing arrays {', '.join(missing)} (has {', '.join(sorted(data))})")
+    for prefix in ("", "batch2_"):
+        ids, images = data.get(prefix + "input_ids"), data.get(prefix + "images")
+        if ids is None or images is None:
+            continue
+        if ids.ndim != 2 or images.ndim != 4 or images.shape[0] != ids.shape[0]:
+            raise SystemExit(f"error: {path}: {prefix}input_ids {ids.shape} and {prefix}images {images.shape} "
+                             "must be [B, T] and [B, C, P, 588] with the same B")
+    return data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tools.forward", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", help="PyTorch-format Molmo directory (original or released HF form)")
+    parser.add_argument("--inputs", required=True, help="golden-style inputs .npz")
+    parser.add_argument("--out", required=True, help="where to write the outputs .npz")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+
+    import jax
+    from flax import nnx
+
+    from molmo_jax import model as model_lib
+    from molmo_jax import pretrained
+    from molmo_jax.torch_format import WeightsError
+
+    data = read_inputs(args.inputs)
+    t0 = time.time()
+    try:
+        cfg, model = pretrained.load_pytorch_dir(args.model_dir, dtype=args.dtype, param_dtype=args.dtype)
+    except WeightsError as e:
+        raise SystemExit(f"error: {e}")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, images, masks, idx):
+        m = nnx.merge(graphdef, state)
+        return m(ids, images, masks, idx)["logits"]
+
+    @jax.jit
+    def connector(state, images, masks):
+        return nnx.merge(graphdef, state).image_features(images, masks)
+
+    out = {}
+    img = (data["images"], data["image_masks"], data["image_input_idx"])
+    out["logits"] = np.asarray(run(state, data["input_ids"], *img), np.float32)
+    out["connector_output"] = np.asarray(connector(state, data["images"], data["image_masks"]), np.float32)
+    if "batch2_input_ids" in data:
+        out["batch2_logits"] = np.asarray(run(state, data["batch2_input_ids"], data["batch2_images"],
+                                              data["batch2_image_masks"], data["batch2_image_input_idx"]),
+                                          np.float32)
+    if "loss_input_ids" in data:
+        logits = run(state, data["loss_input_ids"], *img)
+        masks = data["loss_masks"]
+        labels = np.where(masks > 0, data["loss_labels"], -100)
+        loss, z_loss, _ = model_lib.loss_fn({"logits": logits}, labels, masks)
+        out["loss"], out["z_loss"] = np.float32(loss), np.float32(z_loss)
+    np.savez(args.out, **out)
+    summary = f"{cfg.name}: logits {out['logits'].shape}"
+    if "batch2_logits" in out:
+        summary += f", batch2_logits {out['batch2_logits'].shape}"
+    if "loss" in out:
+        summary += f", loss {float(out['loss']):.6f} (z-loss {float(out['z_loss']):.6f})"
+    print(f"{summary}; wrote {args.out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
