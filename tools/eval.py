@@ -1,0 +1,248 @@
+"""Evaluation command line.
+
+    python -m tools.eval score --task TASK --predictions FILE.jsonl [--json]
+
+scores predictions made anywhere (this project, the original, vLLM). Each line of FILE.jsonl is a
+JSON object with `prediction` (the generated text) and the ground truth of the task:
+
+    vqa, anls, relaxed, clock   "answers": [str, ...]
+    mc                          "answers": [str | int, ...] (option text, letter or 0-based index),
+                                optional "options": [str, ...]; without options: exact match
+    counting                    "count": int
+    pointing                    "points": [[x, y], ...] in pixels, "image_width", "image_height",
+                                optional "mask": one [x, y, w, h] box / RLE per point
+
+It prints a table, or with --json one JSON object (keys `accuracy`, `anls`, `precision`/`recall`/
+`f1`, ... and `n`). Bad input exits with status 2 and a one-line error naming the file and line.
+
+Commands are argparse subcommands dispatched through `func`; a generation mode (running a
+checkpoint over a dataset) can be added as another subcommand or as top-level options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from molmo_jax.metrics import (anls, clock_accuracy, counting_metrics, exact_match,
+                               multiple_choice_accuracy, pointing_metrics, pointing_scores,
+                               postprocess_answer, relaxed_accuracy, vqa_accuracy)
+
+
+class InputError(Exception):
+    """A problem with the user's input; reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking prediction files
+
+def read_jsonl(path: str) -> list[tuple[str, dict]]:
+    """(location "FILE:LINE", object) for every non-blank line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read predictions file ({e.strerror or e})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((where, obj))
+    if not rows:
+        raise InputError(f"{path}: no predictions (the file is empty)")
+    return rows
+
+
+def _field(row: dict, key: str, where: str):
+    if key not in row:
+        raise InputError(f"{where}: missing field {key!r}")
+    return row[key]
+
+
+def _prediction(row: dict, where: str) -> str:
+    pred = _field(row, "prediction", where)
+    if not isinstance(pred, str):
+        raise InputError(f"{where}: field 'prediction' must be a string, got {type(pred).__name__}")
+    return pred
+
+
+def _answers(row: dict, where: str, allow_int: bool = False) -> list:
+    answers = _field(row, "answers", where)
+    ok_types = (str, int) if allow_int else (str,)
+    if (not isinstance(answers, list) or not answers
+            or not all(isinstance(a, ok_types) and not isinstance(a, bool) for a in answers)):
+        kinds = "strings or option indices" if allow_int else "strings"
+        raise InputError(f"{where}: field 'answers' must be a non-empty list of {kinds}")
+    return answers
+
+
+def _int_field(row: dict, key: str, where: str, minimum: int) -> int:
+    value = _field(row, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise InputError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _points(row: dict, where: str) -> np.ndarray:
+    points = _field(row, "points", where)
+    if not isinstance(points, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and math.isfinite(v) for v in p) for p in points):
+        raise InputError(f"{where}: field 'points' must be a list of [x, y] pixel pairs")
+    return np.array(points, dtype=np.float64).reshape(-1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: each turns the checked rows into a dict of metrics
+
+def _mean_score(rows, args, score: Callable[[dict, str, str], dict]) -> dict:
+    """Average per-row score dicts; `score(row, where, prediction)` checks fields and scores."""
+    per_row = []
+    for where, row in rows:
+        pred = _prediction(row, where)
+        if not args.no_postprocess:
+            pred = postprocess_answer(pred)
+        per_row.append(score(row, where, pred))
+    return {key: float(np.mean([s[key] for s in per_row])) for key in per_row[0]}
+
+
+def score_vqa(rows, args):
+    return _mean_score(rows, args, lambda row, where, pred: dict(
+        accuracy=vqa_accuracy(pred, _answers(row, where))))
+
+
+def score_anls(rows, args):
+    def one(row, where, pred):
+        answers = _answers(row, where)
+        return dict(anls=anls(pred, answers), exact_match=exact_match(pred, answers))
+    return _mean_score(rows, args, one)
+
+
+def score_relaxed(rows, args):
+    def one(row, where, pred):
+        answers = _answers(row, where)
+        return dict(accuracy=relaxed_accuracy(pred, answers), exact_match=exact_match(pred, answers))
+    return _mean_score(rows, args, one)
+
+
+def score_mc(rows, args):
+    def one(row, where, pred):
+        options = row.get("options")
+        if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
+            raise InputError(f"{where}: field 'options' must be a list of strings")
+        return dict(accuracy=multiple_choice_accuracy(pred, _answers(row, where, allow_int=True), options))
+    return _mean_score(rows, args, one)
+
+
+def score_clock(rows, args):
+    def one(row, where, pred):
+        try:
+            return dict(accuracy=max(clock_accuracy(pred, a) for a in _answers(row, where)))
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+    return _mean_score(rows, args, one)
+
+
+def score_counting(rows, args):
+    predictions = [_prediction(row, where) for where, row in rows]
+    counts = [_int_field(row, "count", where, 0) for where, row in rows]
+    return counting_metrics(predictions, counts, original_quirks=args.original_quirks)
+
+
+def score_pointing(rows, args):
+    scores = []
+    for where, row in rows:
+        pred = _prediction(row, where)
+        points = _points(row, where)
+        width = _int_field(row, "image_width", where, 1)
+        height = _int_field(row, "image_height", where, 1)
+        try:
+            scores.append(pointing_scores(pred, points, width, height, row.get("mask"),
+                                          original_units=args.original_units,
+                                          distance_threshold=args.distance_threshold))
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+    return pointing_metrics(scores)
+
+
+TASKS = {"pointing": score_pointing, "counting": score_counting, "vqa": score_vqa, "anls": score_anls,
+         "relaxed": score_relaxed, "mc": score_mc, "clock": score_clock}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def format_table(task: str, path: str, metrics: dict) -> str:
+    lines = [f"task {task}  ({path})", f"{'metric':<20} {'value':>10}"]
+    for key, value in metrics.items():
+        if key == "n":
+            continue
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                lines.append(f"{f'{key}[{sub_key}]':<20} {sub_value:>10.4f}")
+        else:
+            lines.append(f"{key:<20} {value:>10.4f}")
+    lines.append(f"{'n':<20} {metrics['n']:>10d}")
+    return "\n".join(lines)
+
+
+def run_score(args) -> int:
+    rows = read_jsonl(args.predictions)
+    metrics = TASKS[args.task](rows, args)
+    metrics["n"] = len(rows)
+    if args.json:
+        print(json.dumps(dict(task=args.task, **{k: ({str(kk): vv for kk, vv in v.items()}
+                                                     if isinstance(v, dict) else v)
+                                                 for k, v in metrics.items()})))
+    else:
+        print(format_table(args.task, args.predictions, metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.eval", description="Molmo evaluation.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    score = commands.add_parser("score", help="score a JSONL file of predictions",
+                                description="Score a JSONL file of predictions (see the module docstring).")
+    score.add_argument("--task", required=True, choices=sorted(TASKS))
+    score.add_argument("--predictions", required=True, metavar="FILE.jsonl")
+    score.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    score.add_argument("--no-postprocess", action="store_true",
+                       help="vqa/anls/relaxed/mc/clock: do not apply the answer post-processing (spec 15.2)")
+    score.add_argument("--original-quirks", action="store_true",
+                       help="counting: parse as the original ('There are none.' is unparsable)")
+    score.add_argument("--original-units", action="store_true",
+                       help="pointing: match GT percent against predicted pixels, as the original")
+    score.add_argument("--distance-threshold", type=float, default=None, metavar="PIXELS",
+                       help="pointing without masks: hit radius (default 5%% of the image diagonal)")
+    score.set_defaults(func=run_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_usage(sys.stderr)
+        print("error: choose a command (score)", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
