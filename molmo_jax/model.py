@@ -118,6 +118,26 @@ def loss_fn(outputs, labels, loss_masks, normalizer=None):
     return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w)
 
 
+def sparse_loss(model, hidden, labels, loss_masks, max_loss_tokens: int, normalizer=None):
+    """The same loss as `loss_fn`, with the output head applied only where the weight is > 0.
+
+    Static shapes: the first `max_loss_tokens` weighted positions of the flattened batch are gathered
+    (`jnp.nonzero(size=...)`); the head and the softmax then cost max_loss_tokens x vocab instead of
+    B x T x vocab. If more positions carry weight, the excess is dropped, and `n_dropped` says so.
+    """
+    d = hidden.shape[-1]
+    flat_w = jnp.where(labels < 0, 0.0, jnp.maximum(loss_masks, 0.0)).reshape(-1)
+    (pos,) = jnp.nonzero(flat_w > 0, size=max_loss_tokens, fill_value=0)
+    taken = jnp.arange(max_loss_tokens) < jnp.sum(flat_w > 0)
+    h = hidden.reshape(-1, d)[pos]
+    w = jnp.where(taken, flat_w[pos], 0.0)
+    lab = jnp.where(taken, labels.reshape(-1)[pos], -1)
+    ce, z, w = token_losses(model.llm.logits(h), lab, w)
+    denom = jnp.maximum(jnp.sum(w) if normalizer is None else normalizer, 1e-8)
+    n_dropped = jnp.maximum(jnp.sum(flat_w > 0) - max_loss_tokens, 0)
+    return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w), n_dropped
+
+
 def create_model(cfg, seed: int = 0) -> Molmo:
     return Molmo(cfg, rngs=nnx.Rngs(seed))
 

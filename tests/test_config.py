@@ -86,3 +86,35 @@ def test_moe_ragged_equals_dense():
     cfg.llm.moe_impl = "dense"
     dense = model_lib.Molmo(cfg, rngs=nnx.Rngs(3))(ids)["logits"]
     np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), atol=1e-5)
+
+
+RELEASED_HF_CONFIGS = {
+    # The released config.json files (Hugging Face), LLM fields only; vision is fixed in the release.
+    "molmo_7b_d": dict(attention_layer_norm=False, clip_qkv=None, embedding_size=152064, hidden_size=3584,
+                       intermediate_size=37888, layer_norm_eps=1e-06, layer_norm_type="rms",
+                       max_position_embeddings=4096, norm_after=False, num_attention_heads=28,
+                       num_hidden_layers=28, num_key_value_heads=4, qkv_bias=True, rope_theta=1000000.0,
+                       vocab_size=152064, weight_tying=False),
+    "molmo_72b": dict(attention_layer_norm=False, clip_qkv=None, embedding_size=152064, hidden_size=8192,
+                      intermediate_size=59136, layer_norm_eps=1e-05, layer_norm_type="rms",
+                      max_position_embeddings=4096, norm_after=False, num_attention_heads=64,
+                      num_hidden_layers=80, num_key_value_heads=8, qkv_bias=True, rope_theta=1000000.0,
+                      vocab_size=152064, weight_tying=False),
+    "molmo_7b_o": dict(attention_layer_norm=True, clip_qkv=None, embedding_size=100352, hidden_size=4096,
+                       intermediate_size=22016, layer_norm_eps=1e-06, layer_norm_type="rms",
+                       max_position_embeddings=4096, norm_after=True, num_attention_heads=32,
+                       num_hidden_layers=32, num_key_value_heads=None, qkv_bias=False, rope_theta=500000.0,
+                       vocab_size=100278, weight_tying=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_HF_CONFIGS))
+def test_released_hf_config_matches_preset(name):
+    from molmo_jax import torch_format
+    got = torch_format.config_from_hf(RELEASED_HF_CONFIGS[name], name)
+    want = config_lib.get_config(name)
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "vocab_size",
+                "embedding_size", "qkv_bias", "qk_norm", "norm_after", "norm_eps", "rope_theta"):
+        assert got.llm[key] == want.llm[key], key
+    assert got.vit.to_dict() == want.vit.to_dict()
+    assert got.connector.to_dict() == want.connector.to_dict()

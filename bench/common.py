@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmarks: timing, memory, and this CPU's matmul ceiling."""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MATMUL_N = 2048
+
+_JAX_MATMUL = f"""
+import time, jax, jax.numpy as jnp
+n = {MATMUL_N}
+a = jax.random.normal(jax.random.key(0), (n, n)); b = jax.random.normal(jax.random.key(1), (n, n))
+f = jax.jit(lambda a, b: a @ b); f(a, b).block_until_ready()
+ts = []
+for _ in range(10):
+    t = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - t)
+ts.sort(); print(2 * n ** 3 / ts[len(ts) // 2] / 1e9)
+"""
+
+_TORCH_MATMUL = f"""
+import time, torch
+n = {MATMUL_N}
+a = torch.randn(n, n); b = torch.randn(n, n); a @ b
+ts = []
+for _ in range(10):
+    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
+ts.sort(); print(2 * n ** 3 / ts[len(ts) // 2] / 1e9)
+"""
+
+
+def matmul_gflops(framework: str) -> float:
+    """Median f32 {MATMUL_N}^3 matmul rate, measured in a subprocess (keeps this process's RSS clean)."""
+    code = _JAX_MATMUL if framework == "jax" else _TORCH_MATMUL
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def time_runs(fn, runs: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def summary(times):
+    return dict(median=statistics.median(times), min=min(times), max=max(times), runs=len(times))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def report(name: str, result: dict):
+    print(json.dumps({"bench": name, **result}, indent=1))

@@ -1,0 +1,72 @@
+"""Analytic model FLOPs (multiply-add = 2 FLOPs), for MFU figures and ahead-of-time reports.
+
+Counts matmuls only (norms, softmax, RoPE are negligible). Attention is counted over the full
+T x T score matrix, as is usual for MFU (the causal half is not subtracted). A training step is
+3x the forward (backward = 2x).
+"""
+from __future__ import annotations
+
+from molmo_jax import config as config_lib
+
+
+def vit_flops_per_crop(cfg) -> float:
+    v = cfg.vit
+    ph, pw = config_lib.patches_per_side(cfg)
+    p = ph * pw
+    n = p + 1
+    inner = v.n_heads * v.head_dim
+    layers_run = max(config_lib.resolved_vit_layers(cfg)) + 1  # later blocks are skipped
+    per_layer = 2 * n * (4 * v.width * inner + 2 * v.width * v.mlp_dim) + 2 * 2 * n * n * inner
+    return 2 * p * v.patch_size * v.patch_size * 3 * v.width + layers_run * per_layer
+
+
+def connector_flops_per_crop(cfg) -> float:
+    v, c = cfg.vit, cfg.connector
+    tokens = config_lib.tokens_per_crop(cfg)
+    feat = config_lib.vit_feature_dim(cfg)
+    window = c.pool_h * c.pool_w
+    inner = v.n_heads * v.head_dim
+    f = config_lib.projector_dim(cfg)
+    pool = 0.0
+    proj_in = feat * window if c.pooling == "stack" else feat
+    if c.pooling.startswith("attention"):
+        pool = 2 * (feat * inner + 2 * window * feat * inner + 2 * window * inner + inner * v.width)
+        proj_in = v.width
+    proj = 2 * (2 * proj_in * f + f * cfg.llm.d_model) if c.projector == "mlp" else 2 * proj_in * cfg.llm.d_model
+    return tokens * (pool + proj)
+
+
+def llm_matmul_params(cfg, active: bool = True) -> int:
+    """Parameters used in matmuls per token by one pass through the blocks (MoE: top-k experts)."""
+    l = cfg.llm
+    d, hd = l.d_model, l.head_dim
+    attn = d * (l.n_heads + 2 * l.n_kv_heads) * hd + l.n_heads * hd * d
+    if l.moe_num_experts:
+        experts = l.moe_top_k if active else l.moe_num_experts
+        ffn = d * l.moe_num_experts + experts * 3 * d * l.mlp_dim
+    else:
+        ffn = 3 * d * l.mlp_dim
+    return l.n_layers * (attn + ffn)
+
+
+def llm_flops(cfg, batch: int, seq_len: int, logit_positions: int | None = None) -> float:
+    """Decoder forward over [batch, seq_len]; the head is applied at `logit_positions` per batch
+    (default: every position)."""
+    l = cfg.llm
+    tokens = batch * seq_len
+    blocks = 2 * tokens * llm_matmul_params(cfg)
+    attention = 2 * 2 * batch * seq_len * seq_len * l.n_heads * l.head_dim * l.n_layers
+    head_positions = batch * (seq_len if logit_positions is None else logit_positions)
+    return blocks + attention + 2 * head_positions * l.d_model * l.embedding_size
+
+
+def forward_flops(cfg, batch: int, seq_len: int, crops_per_example: int,
+                  logit_positions: int | None = None) -> float:
+    crops = batch * crops_per_example
+    vision = crops * (vit_flops_per_crop(cfg) + connector_flops_per_crop(cfg))
+    return vision + llm_flops(cfg, batch, seq_len, logit_positions)
+
+
+def train_step_flops(cfg, batch: int, seq_len: int, crops_per_example: int,
+                     logit_positions: int | None = None) -> float:
+    return 3 * forward_flops(cfg, batch, seq_len, crops_per_example, logit_positions)
