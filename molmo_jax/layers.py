@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -34,7 +35,12 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Axes, dtype, init: 
     if stack:
         shape, axes = (stack,) + shape, ("layers",) + axes
     if init == "normal":
-        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+        key = rngs.params()
+        if isinstance(key, jax.core.Tracer):  # inside jit (sharded init): draw on device
+            value = std * jax.random.normal(key, shape, jnp.float32)
+        else:  # eager: draw on the host, seeded by the key (avoids one XLA compile per shape)
+            seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+            value = jnp.asarray(std * np.random.default_rng(seed).standard_normal(shape, np.float32))
     elif init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
     elif init == "ones":
