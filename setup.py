@@ -26,6 +26,7 @@ CORE = [
     "tqdm==4.70.1",
     "pyarrow==26.0.1",
     "scipy==1.17.1",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS = {

@@ -14,7 +14,8 @@ import argparse
 import jax
 from flax import nnx
 
-from bench import common, workload
+from bench import common
+from input_pipeline import random_data as workload
 from molmo_jax import config as config_lib
 from molmo_jax import flops as flops_lib
 from molmo_jax import model as model_lib

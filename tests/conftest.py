@@ -5,6 +5,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the whole run (xdist workers and the subprocesses that tests
+# start): the same programs compiled again are loaded instead.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "molmo_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -1,8 +1,10 @@
-"""The shared `bench-s` workload (shared/bench/README.md), built without any data files.
+"""Random batches in the model's exact layout: the `bench-s` workload and a data source for
+trainer tests and benchmarks (no files needed).
 
-Batch of 4 examples, each one 640x480 image (tiling 2x2 -> 5 crops incl. the global view) plus text,
-padded to 768 tokens in total, loss on the text tokens. The token layout and `image_input_idx` follow
-the original's closed form (spec 4.6 / 5.1); pixel values are random (speed does not depend on them).
+The default is the shared benchmark's workload (shared/bench/README.md): 4 examples, each one
+640x480 image (tiling 2x2 -> 5 crops incl. the global view) plus text, padded to 768 tokens, loss on
+the text tokens. The token layout and `image_input_idx` follow the original's closed form (spec
+4.6 / 5.1); pixel values and text ids are random.
 """
 from __future__ import annotations
 
@@ -68,3 +70,26 @@ def bench_batch(cfg, batch=BATCH, seq_len=SEQ_LEN, text_len=None, seed=0):
     image_input_idx = np.broadcast_to(idx, (batch,) + idx.shape).copy()
     return dict(input_ids=ids, target_tokens=labels, loss_masks=loss_masks, images=images,
                 image_masks=image_masks, image_input_idx=image_input_idx)
+
+
+class RandomBatches:
+    """Deterministic infinite iterator of random batches; batch i depends only on (seed, i), so the
+    state is just the index (checkpointable like a grain iterator)."""
+
+    def __init__(self, cfg, batch_size=BATCH, seq_len=SEQ_LEN, seed=0, text_len=None):
+        self.cfg, self.batch_size, self.seq_len, self.seed, self.text_len = cfg, batch_size, seq_len, seed, text_len
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = bench_batch(self.cfg, self.batch_size, self.seq_len, self.text_len, seed=(self.seed, self.index))
+        self.index += 1
+        return batch
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = int(state["index"])

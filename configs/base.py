@@ -1,0 +1,68 @@
+"""Defaults shared by every training config; `configs/<model>_<stage>.py` override what differs.
+
+The numbers of the released recipe (spec 13.2-13.3) live in `pretrain()` and `sft()`.
+"""
+import ml_collections
+
+from molmo_jax import config as model_configs
+from molmo_jax import optim
+
+
+def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.stage = stage
+    c.init_from = ""              # checkpoint to start from (stage 2: the stage-1 result)
+    c.seed = 6198                 # the original's global seed
+    c.total_steps = 1000
+    c.batch_size = 8              # global, across all processes
+    c.grad_accum_steps = 1        # micro-batches per step (all share the full batch's loss normaliser)
+    c.seq_len = 2304
+    c.max_loss_tokens = 0         # per micro-batch; 0 = every position (no cap)
+    c.optimizer = optim.optimizer_config()
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3        # keep the last N ...
+    c.keep_every = 0              # ... and every K-th step forever (0 = none)
+    c.async_checkpointing = True
+    c.max_bad_steps = 10          # stop after this many non-finite steps in a row
+    c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = not shown
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+    c.data = ml_collections.ConfigDict(dict(
+        kind="random",            # "random" (no files) or "synthetic" / "mixture" (input_pipeline)
+        data_dir="",
+        seed=95818 if stage == "pretrain" else 50189,
+        max_crops=model.image.max_crops,
+        num_workers=0,
+    ))
+    return c
+
+
+def pretrain(model) -> ml_collections.ConfigDict:
+    """Stage 1, dense-caption pretraining on PixMo-Cap (spec 13.2)."""
+    c = base(model, "pretrain")
+    c.model.llm.update(residual_dropout=0.0, response_residual_dropout=0.1)
+    c.batch_size = 128
+    c.seq_len = 2304
+    c.total_steps = 4 * (712_000 + 127) // 128  # ~4 epochs of ~712k PixMo-Cap images
+    c.optimizer = optim.optimizer_config(connector=dict(lr=2e-4, warmup=200), vit=dict(lr=6e-6, warmup=2000),
+                                         llm=dict(lr=2e-5, warmup=2000))
+    c.data.update(kind="mixture", mixture="pixmo_cap_with_transcripts")
+    return c
+
+
+def sft(model) -> ml_collections.ConfigDict:
+    """Stage 2, multitask supervised fine-tuning on the PixMo + academic mixture (spec 13.3)."""
+    c = base(model, "sft")
+    c.model.llm.update(residual_dropout=0.1, response_residual_dropout=0.0)
+    c.batch_size = 256
+    c.seq_len = 2304
+    c.total_steps = 30_000
+    c.optimizer = optim.optimizer_config(connector=dict(lr=5e-6, warmup=200), vit=dict(lr=5e-6, warmup=200),
+                                         llm=dict(lr=1e-5, warmup=200))
+    c.data.update(kind="mixture", mixture="3.2-synthetic")
+    return c
+
+
+def model(name: str) -> ml_collections.ConfigDict:
+    return model_configs.get_config(name)

@@ -1,0 +1,279 @@
+"""Sharded training through both stages (spec section 13): one flat loop, big_vision style.
+
+State = (params, opt_state) as plain nested dicts of arrays, sharded on the mesh by the logical
+rules of `molmo_jax.sharding`; the step is one `jax.jit` with donated buffers. Checkpoints are
+orbax `CheckpointManager` steps holding `params`, `opt_state` and `meta` (step, data iterator state,
+bad-step counters); the dropout RNG is derived from (seed, step), so a resumed run repeats an
+uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from molmo_jax import flops as flops_lib
+from molmo_jax import model as model_lib
+from molmo_jax import optim
+from molmo_jax import sharding
+from molmo_jax.train_logging import MetricsWriter, Progress
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
+              "image_masks", "image_input_idx")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+# Models up to this many parameters are initialised on the host and then placed (fast to compile);
+# bigger ones are created inside jit directly in their shardings, so no host holds the full model.
+HOST_INIT_MAX_PARAMS = 50_000_000
+
+
+def init_params(cfg_model, mesh, seed: int, host_init_max_params: int = HOST_INIT_MAX_PARAMS):
+    graphdef, abstract = nnx.split(model_lib.abstract_model(cfg_model))
+    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
+
+    def create():
+        return nnx.to_pure_dict(nnx.state(model_lib.Molmo(cfg_model, rngs=nnx.Rngs(seed))))
+
+    if model_lib.count_params(abstract) <= host_init_max_params:
+        return graphdef, abstract, jax.device_put(create(), shardings), shardings
+    with sharding.use_mesh(mesh):
+        params = jax.jit(create, out_shardings=shardings)()
+    return graphdef, abstract, params, shardings
+
+
+def like_params(tree, param_shardings, default):
+    """Shardings for an optimizer-state tree: a leaf whose trailing dict keys name a parameter of
+    the same shape (Adam's moments) is sharded like it; anything else gets `default`."""
+    flat = {}
+    for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        flat[tuple(k.key for k in path)] = sh
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            sh = flat.get(keys[i:])
+            if sh is not None and len(sh.spec) <= len(leaf.shape):
+                return sh
+        return default
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def make_train_step(config, graphdef, abstract, tx, schedules, labels):
+    """The jitted step: micro-batch gradient accumulation, the global-weight-normalised loss,
+    per-group clipping (inside tx), and skipping of non-finite updates."""
+    model_cfg = config.model
+    accum = config.grad_accum_steps
+    frozen = jax.tree.map(lambda l: l == "frozen", labels)
+    use_dropout = any(model_cfg.llm[k] > 0 for k in ("residual_dropout", "response_residual_dropout",
+                                                       "attention_dropout"))
+
+    def merge(params):
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        state = jax.tree.map(lambda x: x, abstract)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
+    def micro_loss(params, mb, key, normalizer):
+        model = merge(params)
+        out = model(mb["input_ids"], mb.get("images"), mb.get("image_masks"), mb.get("image_input_idx"),
+                    position_ids=mb.get("position_ids"), subsegment_ids=mb.get("subsegment_ids"),
+                    response_mask=mb["loss_masks"] > 0, dropout_rng=key if use_dropout else None,
+                    return_logits=False)
+        max_tokens = config.max_loss_tokens or mb["input_ids"].size
+        loss, z, w, dropped = model_lib.sparse_loss(model, out["hidden"], mb["target_tokens"], mb["loss_masks"],
+                                                    max_tokens, normalizer)
+        return loss + z, dict(loss=loss, z_loss=z, weight=w, dropped_loss_tokens=dropped)
+
+    def step(params, opt_state, batch, step_no):
+        key = jax.random.fold_in(jax.random.key(config.seed), step_no)
+        weights = jnp.where(batch["target_tokens"] < 0, 0.0, jnp.maximum(batch["loss_masks"], 0.0))
+        normalizer = jnp.sum(weights)  # the global batch's weight (spec 13.4), shared by micro-batches
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(acc, inputs):
+            mb, i = inputs
+            (_, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, i), normalizer)
+            grads_acc, aux_acc = acc
+            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        aux0 = dict(loss=0.0, z_loss=0.0, weight=0.0, dropped_loss_tokens=0)
+        aux0 = jax.tree.map(jnp.asarray, aux0)
+        (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(accum)))
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        norms = optim.group_grad_norms(grads, labels)
+        finite = jnp.isfinite(aux["loss"] + aux["z_loss"])
+        for n in norms.values():
+            finite &= jnp.isfinite(n)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = dict(aux, skipped=~finite)
+        count = step_no  # the optimizer's count before this update equals the step number
+        for name, n in norms.items():
+            metrics[f"grad_norm/{name}"] = n
+            metrics[f"lr/{name}"] = schedules[name](count)
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return step
+
+
+class Trainer:
+    def __init__(self, config, workdir: str, mesh=None):
+        self.config = config
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
+        self.is_main = jax.process_index() == 0
+        self.graphdef, self.abstract, self.params, self.param_shardings = init_params(
+            config.model, self.mesh, config.seed)
+        make_tx, self.schedules = optim.make_optimizer(config.optimizer, config.total_steps)
+        self.labels = optim.group_labels(self.params, config.optimizer)
+        self.tx = make_tx(self.params)
+        # Optimizer moments are sharded like their parameters; counters are replicated.
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        abstract_opt = jax.eval_shape(self.tx.init, self.params)
+        self.opt_shardings = like_params(abstract_opt, self.param_shardings, replicated)
+        with sharding.use_mesh(self.mesh):
+            self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+        step_fn = make_train_step(config, self.graphdef, self.abstract, self.tx, self.schedules, self.labels)
+        # Pinned output shardings: without them XLA may pick other layouts for the updated state.
+        self._step = jax.jit(step_fn, donate_argnums=(0, 1),
+                             out_shardings=(self.param_shardings, self.opt_shardings, replicated))
+        self.step = 0
+        self.data_state = None
+        self.bad_total = 0
+        self.bad_in_row = 0
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.keep_checkpoints, keep_period=config.keep_every or None,
+                enable_async_checkpointing=config.async_checkpointing, create=True),
+            item_names=("params", "opt_state", "meta"))
+        if self.is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.model.to_json_best_effort(indent=1))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, force: bool = False):
+        meta = dict(step=self.step, data_state=self.data_state, bad_total=self.bad_total,
+                    bad_in_row=self.bad_in_row)
+        self.manager.save(self.step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore_latest(self) -> bool:
+        step = self.manager.latest_step()
+        if step is None:
+            return False
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(self.params)),
+            opt_state=ocp.args.StandardRestore(abstract(self.opt_state)),
+            meta=ocp.args.JsonRestore()))
+        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        meta = restored["meta"]
+        self.step, self.data_state = int(meta["step"]), meta.get("data_state")
+        self.bad_total, self.bad_in_row = int(meta.get("bad_total", 0)), int(meta.get("bad_in_row", 0))
+        log.info("resumed from step %d", self.step)
+        return True
+
+    def load_params(self, params):
+        """Initial weights from elsewhere (stage 1 result, an imported checkpoint): a pure dict."""
+        self.params = jax.device_put(params, self.param_shardings)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _global_batch(self, batch: dict):
+        out = {}
+        for k in BATCH_KEYS:
+            if k in batch and batch[k] is not None:
+                x = np.asarray(batch[k])
+                sh = sharding.batch_sharding(self.mesh, x.ndim, x.shape[0] * jax.process_count())
+                out[k] = jax.make_array_from_process_local_data(sh, x)
+        return out
+
+    def fit(self, data_iter, progress: bool = True):
+        """Train until config.total_steps. `data_iter` yields per-process numpy batches and has
+        get_state()/set_state() (its state is saved with every checkpoint)."""
+        c = self.config
+        if self.data_state is not None and hasattr(data_iter, "set_state"):
+            data_iter.set_state(self.data_state)
+        writer = MetricsWriter(self.workdir, enabled=self.is_main)
+        bar = Progress(c.total_steps, self.step, enabled=progress and self.is_main)
+        stop = {"sigterm": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+        peak = c.peak_flops_per_device * jax.device_count() if c.peak_flops_per_device else 0.0
+        t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+        try:
+            while self.step < c.total_steps and not stop["sigterm"]:
+                batch = next(data_iter)
+                n_tokens = int(np.sum(np.asarray(batch["input_ids"]) != -1)) * jax.process_count()
+                gbatch = self._global_batch(batch)
+                with sharding.use_mesh(self.mesh):
+                    self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, gbatch,
+                                                                      jnp.int32(self.step))
+                self.step += 1
+                self._track_bad(bool(metrics["skipped"]))  # one scalar per step: cheap to fetch
+                self.data_state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
+                tokens_since += n_tokens
+                steps_since += 1
+                if self.step % c.log_every == 0 or self.step == c.total_steps:
+                    m = jax.tree.map(lambda x: np.asarray(x).item(), jax.device_get(metrics))
+                    dt = time.perf_counter() - t_last
+                    m["tokens_per_s"] = tokens_since / dt
+                    m["step_time_s"] = dt / steps_since
+                    if peak:
+                        shape = np.asarray(batch["images"]).shape if "images" in batch else (0, 0)
+                        f = flops_lib.train_step_flops(c.model, shape[0] * jax.process_count(),
+                                                       np.asarray(batch["input_ids"]).shape[1], shape[1])
+                        m["mfu"] = f / (dt / steps_since) / peak
+                    m["skipped_total"] = self.bad_total
+                    writer.write(self.step, m)
+                    bar.update(steps_since, m)
+                    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+                if self.step % c.checkpoint_every == 0 and self.step < c.total_steps:
+                    self.save()
+            if steps_since:
+                bar.update(steps_since)
+            self.save(force=True)
+            if stop["sigterm"]:
+                log.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
+        finally:
+            self.manager.wait_until_finished()
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+            writer.close()
+        return self.step
+
+    def _track_bad(self, skipped: bool):
+        if skipped:
+            self.bad_total += 1
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.config.max_bad_steps:
+                raise TrainingStopped(
+                    f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                    f"stopping. The last good checkpoint is step {self.manager.latest_step()} in "
+                    f"{self.workdir}/checkpoints.")
+        else:
+            self.bad_in_row = 0
+
+
+def model_params_from_checkpoint(path: str):
+    """Pure parameter dict from a molmo_jax model directory or a training checkpoint (stage 2 init)."""
+    from molmo_jax import checkpoint  # the converter's module: model dirs, workdirs, PyTorch dirs
+    _, model = checkpoint.load_any(path)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
