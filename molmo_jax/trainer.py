@@ -169,6 +169,8 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, force: bool = False):
+        if self.step in self.manager.all_steps():
+            return  # already saved (a periodic save at the step where training ended)
         meta = dict(step=self.step, data_state=self.data_state, bad_total=self.bad_total,
                     bad_in_row=self.bad_in_row)
         self.manager.save(self.step, args=ocp.args.Composite(
