@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax.sharding import constrain
 from molmo_jax.layers import Dense, RMSNorm, attend, param, rope, scan_layers
 
 
@@ -167,6 +168,7 @@ class Decoder(nnx.Module):
 
         def body(h, block, xs):
             key, layer_cache = xs
+            h = constrain(h, ("batch", "seq", "act_embed"))  # block boundary: batch-sharded activations
             out, layer_cache = block(h, positions, mask, drop_rates, key, layer_cache, cache_index)
             return out, ((h if return_hidden else None), layer_cache)
 

@@ -8,6 +8,7 @@ uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -40,18 +41,17 @@ class TrainingStopped(RuntimeError):
 HOST_INIT_MAX_PARAMS = 50_000_000
 
 
-def init_params(cfg_model, mesh, seed: int, host_init_max_params: int = HOST_INIT_MAX_PARAMS):
-    graphdef, abstract = nnx.split(model_lib.abstract_model(cfg_model))
-    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
-
+def init_params(cfg_model, mesh, seed: int, shardings, host_init_max_params: int = HOST_INIT_MAX_PARAMS):
+    """Parameters in their shardings (a pure dict)."""
     def create():
         return nnx.to_pure_dict(nnx.state(model_lib.Molmo(cfg_model, rngs=nnx.Rngs(seed))))
 
-    if model_lib.count_params(abstract) <= host_init_max_params:
-        return graphdef, abstract, jax.device_put(create(), shardings), shardings
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(
+        nnx.to_pure_dict(nnx.state(model_lib.abstract_model(cfg_model)))))
+    if n <= host_init_max_params:
+        return jax.device_put(create(), shardings)
     with sharding.use_mesh(mesh):
-        params = jax.jit(create, out_shardings=shardings)()
-    return graphdef, abstract, params, shardings
+        return jax.jit(create, out_shardings=shardings)()
 
 
 def like_params(tree, param_shardings, default):
@@ -131,6 +131,47 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
     return step
 
 
+@dataclasses.dataclass
+class StepSetup:
+    """Everything the training step needs except the arrays themselves: also what ahead-of-time
+    compilation (tools.aot) lowers, with ShapeDtypeStructs in place of arrays."""
+    graphdef: object
+    abstract: object            # abstract nnx State of the model
+    param_shardings: dict       # pure dict of NamedSharding
+    opt_shardings: object
+    replicated: object
+    tx: object
+    schedules: dict
+    labels: dict
+    step: object                # the jitted step (params, opt_state, batch, step_no)
+
+    def abstract_params(self):
+        shapes = nnx.to_pure_dict(self.abstract)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                            self.param_shardings)
+
+    def abstract_opt_state(self):
+        shapes = jax.eval_shape(self.tx.init, nnx.to_pure_dict(self.abstract))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                            self.opt_shardings)
+
+
+def build_step(config, mesh) -> StepSetup:
+    graphdef, abstract = nnx.split(model_lib.abstract_model(config.model))
+    param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
+    shapes = nnx.to_pure_dict(abstract)
+    make_tx, schedules = optim.make_optimizer(config.optimizer, config.total_steps)
+    labels = optim.group_labels(shapes, config.optimizer)
+    tx = make_tx(shapes)
+    # Optimizer moments are sharded like their parameters; counters are replicated.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = like_params(jax.eval_shape(tx.init, shapes), param_sh, replicated)
+    step_fn = make_train_step(config, graphdef, abstract, tx, schedules, labels)
+    # Pinned output shardings: without them XLA may pick other layouts for the updated state.
+    step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
+    return StepSetup(graphdef, abstract, param_sh, opt_sh, replicated, tx, schedules, labels, step)
+
+
 class Trainer:
     def __init__(self, config, workdir: str, mesh=None):
         self.config = config
@@ -138,21 +179,13 @@ class Trainer:
         os.makedirs(workdir, exist_ok=True)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
         self.is_main = jax.process_index() == 0
-        self.graphdef, self.abstract, self.params, self.param_shardings = init_params(
-            config.model, self.mesh, config.seed)
-        make_tx, self.schedules = optim.make_optimizer(config.optimizer, config.total_steps)
-        self.labels = optim.group_labels(self.params, config.optimizer)
-        self.tx = make_tx(self.params)
-        # Optimizer moments are sharded like their parameters; counters are replicated.
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        abstract_opt = jax.eval_shape(self.tx.init, self.params)
-        self.opt_shardings = like_params(abstract_opt, self.param_shardings, replicated)
+        self.setup = build_step(config, self.mesh)
+        self.graphdef, self.abstract = self.setup.graphdef, self.setup.abstract
+        self.param_shardings = self.setup.param_shardings
+        self.params = init_params(config.model, self.mesh, config.seed, self.param_shardings)
         with sharding.use_mesh(self.mesh):
-            self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
-        step_fn = make_train_step(config, self.graphdef, self.abstract, self.tx, self.schedules, self.labels)
-        # Pinned output shardings: without them XLA may pick other layouts for the updated state.
-        self._step = jax.jit(step_fn, donate_argnums=(0, 1),
-                             out_shardings=(self.param_shardings, self.opt_shardings, replicated))
+            self.opt_state = jax.jit(self.setup.tx.init, out_shardings=self.setup.opt_shardings)(self.params)
+        self._step = self.setup.step
         self.step = 0
         self.data_state = None
         self.bad_total = 0

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax import config as config_lib
+from molmo_jax.sharding import constrain
 from molmo_jax.layers import ACTIVATIONS, Dense, LayerNorm, attend, param, scan_layers
 
 
@@ -70,7 +71,7 @@ class VisionTransformer(nnx.Module):
         x = self.embed(patches)
 
         def body(carry, block, _):
-            out = block(carry)
+            out = block(constrain(carry, ("batch", None, "act_embed")))
             return out, (out if return_all_layers else None)
 
         if return_all_layers:
