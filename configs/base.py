@@ -26,7 +26,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.keep_every = 0              # ... and every K-th step forever (0 = none)
     c.async_checkpointing = True
     c.max_bad_steps = 10          # stop after this many non-finite steps in a row
-    c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = not shown
+    c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = guess from the device kind
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
     c.data = ml_collections.ConfigDict(dict(
         kind="random",            # "random" (no files) or "synthetic" / "mixture" (input_pipeline)

@@ -109,9 +109,13 @@ class Connector(nnx.Module):
             return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
         return self.w1(x)
 
-    def __call__(self, features, images, image_masks):
+    def __call__(self, features, images, image_masks, dropout_rng=None):
         b, n = features.shape[:2]
         x = self.add_pad_embed(features, images, image_masks)
+        rate = self.cfg.connector.image_feature_dropout
+        if dropout_rng is not None and rate > 0:  # elementwise, on the padded features (spec 9.2)
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
         pooled = self.pool(self.windows(x))
         pooled = pooled.reshape(b, n, -1, pooled.shape[-1])
         return self.project(pooled)

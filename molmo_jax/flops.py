@@ -70,3 +70,26 @@ def forward_flops(cfg, batch: int, seq_len: int, crops_per_example: int,
 def train_step_flops(cfg, batch: int, seq_len: int, crops_per_example: int,
                      logit_positions: int | None = None) -> float:
     return 3 * forward_flops(cfg, batch, seq_len, crops_per_example, logit_positions)
+
+
+# Peak dense bf16 FLOP/s per chip (published figures), for MFU estimates.
+PEAK_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12, "h200": 989e12, "a100": 312e12,
+}
+# This project's CPU machines: jax's float32 2048^3 matmul rate on both cores (shared/ENV.md).
+CPU_PEAK_FLOPS = 130e9
+
+
+def default_peak_flops_per_device() -> float:
+    """Best guess of one device's peak from its kind; 0 when unknown (MFU then not reported)."""
+    import jax
+
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", "").lower()
+    if device.platform == "cpu":
+        return CPU_PEAK_FLOPS / jax.local_device_count()  # simulated devices share the same cores
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    return 0.0

@@ -7,6 +7,8 @@ arrays holds all blocks and `jax.lax.scan` runs them: compile time does not grow
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -19,6 +21,26 @@ Axes = tuple[str | None, ...]
 
 # The original's init for new weights (init_fn "normal", init_std 0.02).
 DEFAULT_INIT_STD = 0.02
+# How matmul kernels are initialised while a model is being built (set by `init_mode`):
+# "normal" = N(0, 0.02) everywhere (the original's init, right on top of pretrained weights);
+# "fan_in" = N(0, 1/fan_in), which keeps activations O(1) through many layers when training from
+# scratch (the demo).
+_init_mode = contextvars.ContextVar("init_mode", default="normal")
+
+
+@contextlib.contextmanager
+def init_mode(mode: str):
+    if mode not in ("normal", "fan_in"):
+        raise ValueError(f"init={mode!r}; choose 'normal' or 'fan_in'")
+    token = _init_mode.set(mode)
+    try:
+        yield
+    finally:
+        _init_mode.reset(token)
+
+
+def kernel_std(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in) if _init_mode.get() == "fan_in" else DEFAULT_INIT_STD
 
 
 def dtype_of(name) -> jnp.dtype:
@@ -57,10 +79,11 @@ class Dense(nnx.Module):
     """
 
     def __init__(self, in_shape, out_shape, in_axes: Axes, out_axes: Axes, *, use_bias=False,
-                 dtype="float32", param_dtype="float32", rngs=None, stack=0, std=DEFAULT_INIT_STD):
+                 dtype="float32", param_dtype="float32", rngs=None, stack=0, std=None):
         self.in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (in_shape,)
         self.out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
         self.dtype = dtype_of(dtype)
+        std = kernel_std(math.prod(self.in_shape)) if std is None else std
         self.kernel = param(rngs, self.in_shape + self.out_shape, tuple(in_axes) + tuple(out_axes),
                             param_dtype, std=std, stack=stack)
         self.bias = (param(rngs, self.out_shape, out_axes, param_dtype, init="zeros", stack=stack)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax.sharding import constrain
-from molmo_jax.layers import Dense, RMSNorm, attend, param, rope, scan_layers
+from molmo_jax.layers import Dense, RMSNorm, attend, kernel_std, param, rope, scan_layers
 
 
 class Attention(nnx.Module):
@@ -74,9 +74,10 @@ class MoE(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.router = Dense(d, e, ("embed",), ("experts",), dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs, stack=stack)
-        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack=stack)
-        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack=stack)
-        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, stack=stack)
+        kw = dict(stack=stack)
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, std=kernel_std(d), **kw)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, std=kernel_std(d), **kw)
+        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, std=kernel_std(f), **kw)
 
     def __call__(self, x):
         shape = x.shape

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax.connector import Connector
+from molmo_jax.layers import init_mode
 from molmo_jax.llm import Decoder
 from molmo_jax.vit import VisionTransformer
 
@@ -39,9 +40,10 @@ def attention_mask(valid, subsegment_ids=None):
 class Molmo(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg, rngs=rngs)
-        self.connector = Connector(cfg, rngs=rngs)
-        self.llm = Decoder(cfg, rngs=rngs)
+        with init_mode(cfg.get("init", "normal")):
+            self.vision = VisionTransformer(cfg, rngs=rngs)
+            self.connector = Connector(cfg, rngs=rngs)
+            self.llm = Decoder(cfg, rngs=rngs)
 
     # -- pieces, also used by tests and tools --------------------------------------------------
     def vit_features(self, images):
@@ -50,16 +52,16 @@ class Molmo(nnx.Module):
         feats = self.vision(images.reshape(b * c, p, f).astype(self.vision.dtype))
         return feats.reshape(b, c, p, -1)
 
-    def image_features(self, images, image_masks):
+    def image_features(self, images, image_masks, dropout_rng=None):
         """Connector output [B, C, tokens_per_crop, d_model]."""
-        return self.connector(self.vit_features(images), images, image_masks)
+        return self.connector(self.vit_features(images), images, image_masks, dropout_rng)
 
-    def embed_inputs(self, input_ids, images=None, image_masks=None, image_input_idx=None):
+    def embed_inputs(self, input_ids, images=None, image_masks=None, image_input_idx=None, dropout_rng=None):
         """Token embeddings with the image features *added* at image_input_idx (spec 5.4)."""
         x = self.llm.embed(input_ids)
         if images is None:
             return x
-        feats = self.image_features(images, image_masks)
+        feats = self.image_features(images, image_masks, dropout_rng)
         b, t, d = x.shape
         feats = feats.reshape(b, -1, d).astype(x.dtype)
         idx = image_input_idx.reshape(b, -1)
@@ -77,7 +79,10 @@ class Molmo(nnx.Module):
         if position_ids is None:
             position_ids = positions_from_mask(valid)
         mask = attention_mask(valid, subsegment_ids)
-        x = self.embed_inputs(input_ids, images, image_masks, image_input_idx)
+        image_rng = None
+        if dropout_rng is not None:
+            dropout_rng, image_rng = jax.random.split(dropout_rng)
+        x = self.embed_inputs(input_ids, images, image_masks, image_input_idx, image_rng)
         drop_rates = None
         if dropout_rng is not None:
             l = self.cfg.llm

@@ -77,8 +77,9 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
     model_cfg = config.model
     accum = config.grad_accum_steps
     frozen = jax.tree.map(lambda l: l == "frozen", labels)
-    use_dropout = any(model_cfg.llm[k] > 0 for k in ("residual_dropout", "response_residual_dropout",
-                                                       "attention_dropout"))
+    use_dropout = (any(model_cfg.llm[k] > 0 for k in ("residual_dropout", "response_residual_dropout",
+                                                        "attention_dropout"))
+                   or model_cfg.connector.image_feature_dropout > 0)
 
     def merge(params):
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
@@ -250,7 +251,7 @@ class Trainer:
         bar = Progress(c.total_steps, self.step, enabled=progress and self.is_main)
         stop = {"sigterm": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-        peak = c.peak_flops_per_device * jax.device_count() if c.peak_flops_per_device else 0.0
+        peak = (c.peak_flops_per_device or flops_lib.default_peak_flops_per_device()) * jax.device_count()
         t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
         try:
             while self.step < c.total_steps and not stop["sigterm"]:
