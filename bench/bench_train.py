@@ -1,0 +1,75 @@
+"""Training step of the bench-s configuration and workload on this CPU (issue: sharded training).
+
+    .venv/bin/python -m bench.bench_train [--runs 8] [--remat none]
+
+Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32,
+through the real trainer step (one device). Reports the median step time, the peak resident memory
+of this process, and the model FLOP rate against this CPU's f32 matmul rate measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from bench import common
+from configs import base
+from input_pipeline.random_data import BATCH, SEQ_LEN, RandomBatches
+from molmo_jax import config as config_lib
+from molmo_jax import flops as flops_lib
+from molmo_jax import sharding
+from molmo_jax import trainer as trainer_lib
+
+ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # shared/bench/README.md
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--max-loss-tokens", type=int, default=1024,
+                        help="head applied at this many positions per step (0 = all B x T)")
+    args = parser.parse_args()
+
+    jax_rate = common.matmul_gflops("jax")
+    torch_rate = common.matmul_gflops("torch")
+    c = base.base(config_lib.bench_s(), "sft")
+    c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=args.max_loss_tokens,
+                  async_checkpointing=False))
+    c.model.remat = args.remat
+    c.optimizer.groups.connector.update(lr=1e-4, warmup=1)
+    c.optimizer.groups.vit.update(lr=1e-4, warmup=1)
+    c.optimizer.groups.llm.update(lr=1e-4, warmup=1)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
+    trainer = trainer_lib.Trainer(c, tempfile.mkdtemp(), mesh=mesh)
+    data = RandomBatches(c.model, BATCH, SEQ_LEN)
+    batch = trainer._global_batch(next(data))
+    state = {"params": trainer.params, "opt": trainer.opt_state, "i": 0}
+
+    def step():
+        with sharding.use_mesh(mesh):
+            p, o, m = trainer._step(state["params"], state["opt"], batch, jnp.int32(state["i"]))
+        jax.block_until_ready(m["loss"])
+        state.update(params=p, opt=o, i=state["i"] + 1)
+
+    times = common.time_runs(step, args.runs, warmup=2)
+    s = common.summary(times)
+    heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
+    ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
+    common.report("train_step", dict(
+        remat=args.remat, max_loss_tokens=args.max_loss_tokens, seconds=s,
+        examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
+        peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,
+        executed_gflop=ours / 1e9, executed_gflops=ours / s["median"] / 1e9,
+        original_count_gflops=ORIGINAL_STEP_TFLOP * 1e3 / s["median"],
+        jax_matmul_gflops=jax_rate, torch_matmul_gflops=torch_rate,
+        mfu_vs_jax_matmul=ours / s["median"] / 1e9 / jax_rate,
+        original_count_vs_jax_matmul=ORIGINAL_STEP_TFLOP * 1e3 / s["median"] / jax_rate))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()
