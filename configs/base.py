@@ -64,5 +64,18 @@ def sft(model) -> ml_collections.ConfigDict:
     return c
 
 
+def cpu_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a stage config to run on a CPU in seconds (the `tiny_*` configs)."""
+    c.batch_size = 4
+    c.seq_len = 512
+    c.total_steps = 20
+    c.log_every = 1
+    c.checkpoint_every = 10
+    c.data.update(kind="random")
+    for group in ("connector", "vit", "llm"):
+        c.optimizer.groups[group].update(lr=1e-3, warmup=5)
+    return c
+
+
 def model(name: str) -> ml_collections.ConfigDict:
     return model_configs.get_config(name)
