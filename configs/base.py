@@ -29,11 +29,17 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = guess from the device kind
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
     c.data = ml_collections.ConfigDict(dict(
-        kind="random",            # "random" (no files) or "synthetic" / "mixture" (input_pipeline)
-        data_dir="",
+        kind="random",            # "random" (no files), "synthetic" (built on first use) or "mixture"
+        data_dir="",              # TFDS data dir ("" = $MOLMO_JAX_DATA_DIR or ~/.cache/molmo_jax/data)
+        mixture="",               # mixture name or "name:rate,..." (kind "mixture")
+        tokenizer="",             # tokenizer directory ("" = the bundled tiny one, tiny/demo models only)
         seed=95818 if stage == "pretrain" else 50189,
         max_crops=model.image.max_crops,
-        num_workers=0,
+        seq_buckets=(),           # padded sequence lengths (() = just seq_len)
+        num_workers=0,            # grain worker processes for preprocessing
+        worker_buffer=2,
+        drop_missing=False,       # leave unbuilt datasets out of a mixture instead of failing
+        synthetic_split_sizes="",  # e.g. "train=4000,validation=200,test=200" ("" = builder default)
     ))
     return c
 
@@ -71,7 +77,7 @@ def cpu_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.total_steps = 20
     c.log_every = 1
     c.checkpoint_every = 10
-    c.data.update(kind="random")
+    c.data.update(kind="synthetic")
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=1e-3, warmup=5)
     return c

@@ -101,7 +101,7 @@ def test_rebuild_reuses_the_dataset(built_twice, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["imagenet", "--data-dir", "x"], "unknown dataset 'imagenet'; choose one of: synthetic"),
+    (["imagenet", "--data-dir", "x"], "unknown dataset 'imagenet'; choose one of: "),
     (["synthetic"], "--data-dir"),
     (["synthetic", "--data-dir", "x", "--split-sizes", "train=ten"], "expected SPLIT=N"),
     (["synthetic", "--data-dir", "x", "--split-sizes", "dev=3"], "unknown split 'dev'"),
@@ -111,7 +111,7 @@ def test_rebuild_reuses_the_dataset(built_twice, capsys):
     (["synthetic", "--data-dir", "x", "--image-size", "8"], "image_size"),
     (["synthetic", "--data-dir", "x", "--kinds", "shapes=1,dogs=2"], "kinds"),
     (["synthetic", "--data-dir", "x", "--max-objects", "0"], "max_objects"),
-    ([], "the first argument must be the dataset NAME, one of: synthetic"),
+    ([], "the first argument must be the dataset NAME, one of: "),
     (["--data-dir", "x", "synthetic"], "the first argument must be the dataset NAME"),
 ])
 def test_bad_arguments_exit_with_status_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_unknown_name_from_the_command_line():
 
 
 def test_registry_and_configs():
-    assert builders.names() == ["synthetic"]
+    assert "synthetic" in builders.names()
     assert builders.get_builder_class("synthetic") is SyntheticPixmo
     with pytest.raises(KeyError, match="unknown dataset 'x'"):
         builders.get_builder_class("x")

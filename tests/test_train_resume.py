@@ -24,7 +24,7 @@ STEPS = 8
 def train_cmd(workdir, *extra):
     return [sys.executable, "-m", "tools.train", "--config", "configs/tiny_pretrain.py", "--workdir", str(workdir),
             f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.log_every=1",
-            "--config.seq_len=256", "--config.batch_size=2", "--progress=false", *extra]
+            "--config.seq_len=256", "--config.batch_size=2", "--config.data.kind=random", "--progress=false", *extra]
 
 
 def env():

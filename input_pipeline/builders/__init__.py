@@ -2,8 +2,7 @@
 
 Each entry maps a CLI name to "module:Class", a `RecordBuilder` subclass (see `base.py`). Modules are
 imported only when their builder is asked for, so one builder's import cost or failure does not
-touch the others. Adding a dataset (pixmo_cap, pixmo_points, ...) = one new module in this package
-plus one line here.
+touch the others. Adding a dataset = one new builder class plus one line here.
 """
 from __future__ import annotations
 
@@ -11,6 +10,15 @@ import importlib
 
 BUILDERS: dict[str, str] = {
     "synthetic": "input_pipeline.builders.synthetic:SyntheticPixmo",
+    "pixmo_cap": "input_pipeline.builders.pixmo:PixmoCap",
+    "pixmo_ask_model_anything": "input_pipeline.builders.pixmo:PixmoAskModelAnything",
+    "pixmo_cap_qa": "input_pipeline.builders.pixmo:PixmoCapQa",
+    "pixmo_points": "input_pipeline.builders.pixmo:PixmoPoints",
+    "pixmo_count": "input_pipeline.builders.pixmo:PixmoCount",
+    "pixmo_point_explanations": "input_pipeline.builders.pixmo:PixmoPointExplanations",
+    "pixmo_docs": "input_pipeline.builders.pixmo:PixmoDocs",
+    "pixmo_clocks": "input_pipeline.builders.pixmo:PixmoClocks",
+    "vqa": "input_pipeline.builders.vqa:Vqa",
 }
 
 
