@@ -40,6 +40,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
         worker_buffer=2,
         drop_missing=False,       # leave unbuilt datasets out of a mixture instead of failing
         synthetic_split_sizes="",  # e.g. "train=4000,validation=200,test=200" ("" = builder default)
+        synthetic_options="",     # renderer options, e.g. "grid=4,max_objects=4" ("" = default)
     ))
     return c
 

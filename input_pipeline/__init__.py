@@ -16,6 +16,8 @@ optional:
     worker_buffer batches buffered per worker (default 2)
     drop_missing  leave unbuilt datasets out of the mixture (renormalising) instead of failing
     synthetic_split_sizes  kind "synthetic": e.g. "train=400,validation=50,test=50" (default sizes otherwise)
+    synthetic_options      kind "synthetic": renderer options, e.g. "grid=4,max_objects=4" (see
+                  input_pipeline.synthetic.parse_options)
 Stage "pretrain" formats with stage-1 settings (length hints, no roles, no loss rescaling); "sft" with
 the released settings. Kind "synthetic" reads the caption + transcript of each image in stage 1 and
 every task conversation (pointing, counting, QA, clocks, charts) in stage 2.
@@ -44,6 +46,15 @@ def tokenizer_dir(config) -> str:
                      f"{config.model.get('name')!r}'s LLM")
 
 
+def synthetic_options(config):
+    """config.data.synthetic_options ("grid=4,max_objects=4", ...) as SyntheticOptions (None = default)."""
+    text = _data_option(config, "synthetic_options")
+    if not text:
+        return None
+    from input_pipeline.synthetic import parse_options
+    return parse_options(str(text))
+
+
 def _sources(config):
     """[(DatasetSpec, folder)], sizes, groups for the configured data kind."""
     from input_pipeline import datasets, mixtures
@@ -55,7 +66,7 @@ def _sources(config):
         if sizes_text:
             from input_pipeline.builders.base import parse_split_sizes
             sizes = parse_split_sizes(str(sizes_text), ("train", "validation", "test"))
-        folder = datasets.ensure_synthetic(data_dir, sizes)
+        folder = datasets.ensure_synthetic(data_dir, sizes, synthetic_options(config))
         mixture = "synthetic_pretrain" if config.stage == "pretrain" else "synthetic_sft"
         groups = mixtures.MIXTURES[mixture]
         folders = {name: folder for name in mixtures.dataset_names(groups)}

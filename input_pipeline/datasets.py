@@ -141,7 +141,7 @@ def default_data_dir() -> str:
     return os.environ.get("MOLMO_JAX_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "molmo_jax", "data")
 
 
-def ensure_synthetic(data_dir: str, split_sizes: dict[str, int] | None = None) -> pathlib.Path:
+def ensure_synthetic(data_dir: str, split_sizes: dict[str, int] | None = None, options=None) -> pathlib.Path:
     """The synthetic PixMo under `data_dir`, built first if absent (default sizes: about half a minute)."""
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
@@ -156,7 +156,7 @@ def ensure_synthetic(data_dir: str, split_sizes: dict[str, int] | None = None) -
     try:
         with open(os.path.join(data_dir, ".synthetic_build.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            builder = SyntheticPixmo(data_dir=data_dir, config=make_config(split_sizes=split_sizes))
+            builder = SyntheticPixmo(data_dir=data_dir, config=make_config(options, split_sizes=split_sizes))
             if not builder.is_prepared():
                 tfds.disable_progress_bar()
                 print(f"building the synthetic PixMo under {data_dir} (once)", file=sys.stderr)

@@ -64,7 +64,7 @@ def _prompt_only(conversation: dict) -> dict:
 
 
 def make_eval_examples(name: str, split: str = "test", data_dir: str | None = None, limit: int | None = None,
-                       split_sizes: dict[str, int] | None = None) -> Iterator[dict]:
+                       split_sizes: dict[str, int] | None = None, options=None) -> Iterator[dict]:
     """Inference examples of task `name` (table above) from the synthetic PixMo's `split`."""
     from input_pipeline import datasets
     from input_pipeline.builders.synthetic import load_example
@@ -72,7 +72,7 @@ def make_eval_examples(name: str, split: str = "test", data_dir: str | None = No
     if name not in TASKS:
         raise KeyError(f"unknown evaluation task {name!r}; choose one of {', '.join(TASKS)}")
     style, task = TASKS[name]
-    folder = datasets.ensure_synthetic(data_dir or datasets.default_data_dir(), split_sizes)
+    folder = datasets.ensure_synthetic(data_dir or datasets.default_data_dir(), split_sizes, options)
     source = datasets.open_source(folder, split)
     records = sorted((load_example(source[i]) for i in range(len(source))), key=lambda e: e["metadata"]["index"])
     produced = 0

@@ -407,3 +407,29 @@ def _render_chart(rng, options):
 
 
 _RENDERERS = {"shapes": _render_shapes, "clock": _render_clock, "chart": _render_chart}
+
+
+def parse_options(text: str) -> SyntheticOptions:
+    """Options from "key=value,key=value" (config files, command lines). Tuples use "+":
+    "grid=4,max_objects=4,image_size=112,kinds=shapes+clock,kind_weights=0.9+0.1"."""
+    fields = {f.name: f for f in dataclasses.fields(SyntheticOptions)}
+    changes = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields or not value:
+            raise ValueError(f"synthetic options: bad item {item!r} (known keys: {', '.join(fields)})")
+        parts = [v.strip() for v in value.split("+")]
+        if key == "image_size":
+            parts = parts * 2 if len(parts) == 1 else parts
+            changes[key] = tuple(int(v) for v in parts)
+        elif key == "kinds":
+            changes[key] = tuple(parts)
+        elif key == "kind_weights":
+            changes[key] = tuple(float(v) for v in parts)
+        else:
+            default = getattr(SyntheticOptions, key)
+            changes[key] = type(default)(float(value)) if isinstance(default, int) else type(default)(value)
+    if "kinds" in changes and "kind_weights" not in changes:
+        changes["kind_weights"] = (1.0,) * len(changes["kinds"])
+    return dataclasses.replace(SyntheticOptions(), **changes)

@@ -230,12 +230,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_checkpoint(args) -> int:
+    """Generate over a dataset with a checkpoint and score: predictions.jsonl, metrics.json, images."""
+    import os
+
+    from input_pipeline.evaluation import TASKS as DATASETS, make_eval_examples
+    from molmo_jax import checkpoint, evaluate
+    from molmo_jax.preprocess import MolmoTokenizer
+    from molmo_jax.torch_format import WeightsError
+
+    name, _, split = args.dataset.partition(":")
+    if name not in DATASETS:
+        raise InputError(f"--dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    try:
+        cfg, model = checkpoint.load_any(args.checkpoint)
+    except (WeightsError, FileNotFoundError, ValueError) as e:
+        raise InputError(f"--checkpoint {args.checkpoint}: {e}") from None
+    tok_dir = args.tokenizer or next((d for d in (os.path.join(args.checkpoint, "tokenizer"),)
+                                      if os.path.isdir(d)), None)
+    if tok_dir is None and cfg.get("name") in ("tiny", "demo", "bench_s"):
+        from input_pipeline import TINY_TOKENIZER
+        tok_dir = TINY_TOKENIZER
+    if tok_dir is None:
+        raise InputError("no tokenizer: the checkpoint has no tokenizer/ folder; pass --tokenizer DIR")
+    tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)
+    examples = list(make_eval_examples(name, split or "test", args.data_dir, limit=args.max_examples))
+    settings = evaluate.EvalSettings(batch_size=args.batch_size, max_crops=36 if args.high_res else None,
+                                     distance_fraction=args.distance_fraction)
+    rows, results = evaluate.run(model, tokenizer, examples, settings)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    drawn = 0
+    from molmo_jax.points import draw_points, parse_points
+    for row, ex in zip(rows, examples):
+        if row["task"] != "pointing" or drawn >= 8:
+            continue
+        parsed = parse_points(row["prediction"], row["image_width"], row["image_height"])
+        draw_points(ex["image"], parsed.points, os.path.join(args.out, f"points_{drawn}.png"),
+                    true_points=row["points"])
+        drawn += 1
+    for task, metrics in results.items():
+        print(format_table(task, args.dataset, metrics))
+    print(f"wrote {args.out}/predictions.jsonl, metrics.json" + (f" and {drawn} images" if drawn else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    parser.add_argument("--checkpoint", help="generation mode: a checkpoint (molmo_jax, training workdir, "
+                                             "or PyTorch directory)")
+    parser.add_argument("--dataset", default="synthetic_pointing", help="NAME[:split], e.g. synthetic_counting:test")
+    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--high-res", action="store_true", help="36 crops per image (the high-res setting)")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--distance-fraction", type=float, default=None,
+                        help="pointing: hit within this fraction of the image size (default: masks)")
+    parser.add_argument("--out", default="eval_out")
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None and args.checkpoint:
+        args.func = run_checkpoint
     if getattr(args, "func", None) is None:
         parser.print_usage(sys.stderr)
-        print("error: choose a command (score)", file=sys.stderr)
+        print("error: choose a command (score) or give --checkpoint", file=sys.stderr)
         return 2
     try:
         return args.func(args)

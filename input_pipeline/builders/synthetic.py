@@ -151,6 +151,8 @@ class SyntheticPixmo(RecordBuilder):
                            help="image size in pixels, e.g. 112 or 160x112 (default 112)")
         group.add_argument("--min-objects", type=int, default=None, help="fewest shapes per scene (default 1)")
         group.add_argument("--max-objects", type=int, default=None, help="most shapes per scene (default 6)")
+        group.add_argument("--grid", type=int, default=None,
+                           help="snap shape centres to an N x N grid (default 0: anywhere)")
         group.add_argument("--kinds", default=None, metavar="KIND=WEIGHT,...",
                            help="image kinds and mix weights, e.g. shapes=0.7,clock=0.15,chart=0.15")
 
@@ -165,6 +167,8 @@ class SyntheticPixmo(RecordBuilder):
             changes["min_objects"] = args.min_objects
         if args.max_objects is not None:
             changes["max_objects"] = args.max_objects
+        if args.grid is not None:
+            changes["grid"] = args.grid
         if args.kinds:
             changes["kinds"], changes["kind_weights"] = _parse_kinds(args.kinds)
         try:

@@ -1,0 +1,37 @@
+"""The demo's stage 1: a small Molmo from scratch on the synthetic PixMo's captions (CPU, minutes).
+
+`make demo` runs this, then configs/demo_sft.py, then evaluates and exports (tools/demo.py).
+"""
+from configs import base
+
+# Scenes the demo model can learn to point at within minutes: up to 4 shapes whose centres sit on a
+# 4 x 4 grid aligned with the pooled image tokens (input_pipeline/synthetic.py, option `grid`).
+SYNTHETIC_OPTIONS = "grid=4,max_objects=4,image_size=112"
+
+
+def demo_model():
+    m = base.model("demo")
+    m.init = "fan_in"            # from scratch: keep activations O(1) through the layers
+    m.image.max_crops = 1        # 112-px images need one high-res crop (plus the global view)
+    return m
+
+
+def demo_data(c):
+    c.data.update(kind="synthetic", synthetic_options=SYNTHETIC_OPTIONS,
+                  synthetic_split_sizes="train=4000,validation=100,test=200")
+    c.batch_size = 16
+    c.seq_len = 384
+    c.log_every = 10
+    c.keep_checkpoints = 1
+    c.mesh.update(data=1, fsdp=-1)
+    return c
+
+
+def get_config():
+    c = demo_data(base.pretrain(demo_model()))
+    c.total_steps = 300
+    c.checkpoint_every = 300
+    for group in ("connector", "vit", "llm"):
+        c.optimizer.groups[group].update(lr=2e-3, warmup=30)
+    c.optimizer.frozen = ""      # a from-scratch embedding must learn too
+    return c
