@@ -105,7 +105,9 @@ def token_losses(logits, labels, weights):
     """Per-token float32 cross-entropy and z-loss terms. labels < 0 carry no loss."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    safe = jnp.where(labels < 0, 0, labels)
+    # Labels without loss may be ids the head cannot produce (image tokens, padding): read a valid
+    # column for them (their weight is 0), never an out-of-range one (which would give NaN).
+    safe = jnp.where((labels < 0) | (labels >= logits.shape[-1]), 0, labels)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     w = jnp.where(labels < 0, 0.0, jnp.maximum(weights, 0.0)).astype(jnp.float32)
     return (lse - picked) * w, Z_LOSS_WEIGHT * jnp.square(lse) * w, w
