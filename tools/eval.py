@@ -254,7 +254,15 @@ def run_checkpoint(args) -> int:
     if tok_dir is None:
         raise InputError("no tokenizer: the checkpoint has no tokenizer/ folder; pass --tokenizer DIR")
     tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)
-    examples = list(make_eval_examples(name, split or "test", args.data_dir, limit=args.max_examples))
+    sizes = options = None
+    if args.split_sizes:
+        from input_pipeline.builders.base import parse_split_sizes
+        sizes = parse_split_sizes(args.split_sizes, ("train", "validation", "test"))
+    if args.synthetic_options:
+        from input_pipeline.synthetic import parse_options
+        options = parse_options(args.synthetic_options)
+    examples = list(make_eval_examples(name, split or "test", args.data_dir, limit=args.max_examples,
+                                       split_sizes=sizes, options=options))
     settings = evaluate.EvalSettings(batch_size=args.batch_size, max_crops=36 if args.high_res else None,
                                      distance_fraction=args.distance_fraction)
     rows, results = evaluate.run(model, tokenizer, examples, settings)
@@ -288,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high-res", action="store_true", help="36 crops per image (the high-res setting)")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--synthetic-options", default="", help='synthetic data options, e.g. "grid=4,max_objects=4"')
+    parser.add_argument("--split-sizes", default="", help='synthetic split sizes, e.g. "train=4000,test=200"')
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--distance-fraction", type=float, default=None,
                         help="pointing: hit within this fraction of the image size (default: masks)")
