@@ -115,9 +115,9 @@ def config_from_hf(d: dict, name: str = "imported"):
     # Settings molmo_jax writes on export that the released format cannot express (see convert).
     extra = d.get("molmo_jax")
     if extra:
-        cfg.vit.update(_tuples(extra.get("vit", {})))
-        cfg.connector.update(_tuples(extra.get("connector", {})))
-        cfg.image.update(_tuples(extra.get("image", {})))
+        for part in ("vit", "connector", "image", "llm"):
+            cfg[part].update(_tuples(extra.get(part, {})))
+        cfg.update(_tuples(extra.get("top", {})))
     return cfg
 
 

@@ -1,0 +1,184 @@
+"""molmo_jax checkpoints: config JSON, save/load, sharded restore, telling checkpoint kinds apart."""
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from conftest import GOLDEN
+from molmo_jax import checkpoint
+from molmo_jax import config as config_lib
+from molmo_jax import pretrained
+from molmo_jax.model import create_model
+from molmo_jax.torch_format import WeightsError
+
+
+def flat_params(model):
+    return pretrained.model_to_flat(model)
+
+
+def assert_same_params(a, b):
+    fa, fb = flat_params(a), flat_params(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype, k
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=".".join(k))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return create_model(config_lib.tiny(), seed=3)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "molmoe_1b", "molmo_72b"])
+def test_config_json_roundtrip_keeps_values_and_types(preset):
+    cfg = config_lib.get_config(preset)
+    back = checkpoint.config_from_dict(json.loads(checkpoint.config_to_json(cfg)))
+    assert back.to_dict() == cfg.to_dict()
+    for part in ("vit", "image", "llm", "connector"):
+        for key, value in cfg[part].items():
+            assert type(back[part][key]) is type(value), (part, key)
+    assert isinstance(back.vit.image_size, tuple) and isinstance(back.image.mean, tuple)
+
+
+def test_run_config_model_part_is_accepted():
+    cfg = config_lib.tiny()
+    run = {"model": json.loads(checkpoint.config_to_json(cfg)), "optimizer": {"lr": 1e-4}}
+    assert checkpoint.config_from_dict(run).to_dict() == cfg.to_dict()
+    with pytest.raises(WeightsError, match="no 'llm' section"):
+        checkpoint.config_from_dict({"optimizer": {}})
+
+
+@pytest.mark.parametrize("form", ["module", "state", "nested", "flat"])
+def test_save_and_load_model(tmp_path, tiny_model, form):
+    cfg = tiny_model.cfg
+    params = {"module": tiny_model, "state": nnx.state(tiny_model, nnx.Param),
+              "nested": nnx.state(tiny_model, nnx.Param).to_pure_dict(), "flat": flat_params(tiny_model)}[form]
+    checkpoint.save_model(tmp_path / "m", cfg, params)
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "params").is_dir()
+    assert checkpoint.find_checkpoint(tmp_path / "m").kind == "molmo_jax"
+    cfg2, model = checkpoint.load_model(tmp_path / "m")
+    assert cfg2.to_dict() == cfg.to_dict()
+    assert_same_params(model, tiny_model)
+    assert not list(tmp_path.glob(".m.*")), "temporary directory left behind"
+
+
+def test_bf16_params_are_stored_as_bf16_and_cast_on_load(tmp_path, tiny_model):
+    flat = {k: v.astype(jnp.bfloat16) for k, v in flat_params(tiny_model).items()}
+    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    assert checkpoint.load_config(tmp_path / "m").param_dtype == "bfloat16"
+    cfg, model = checkpoint.load_model(tmp_path / "m")
+    assert cfg.param_dtype == "bfloat16"
+    assert {a.dtype for a in flat_params(model).values()} == {np.dtype(jnp.bfloat16)}
+    cfg, model = checkpoint.load_model(tmp_path / "m", dtype="float32")
+    assert cfg.param_dtype == "float32"
+    got = flat_params(model)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(got[k], np.asarray(v, np.float32))
+
+
+def test_restore_straight_into_shardings(tmp_path, tiny_model):
+    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, tiny_model)
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    shapes = pretrained.param_paths(tiny_model.cfg)
+    # Shard the layer-stacked LLM kernels' second axis over fsdp where it divides, replicate the rest.
+    shardings = {p: NamedSharding(mesh, P(None, "fsdp") if len(s) == 3 and s[1] % 4 == 0 else P())
+                 for p, s in shapes.items()}
+    cfg, model = checkpoint.load_model(tmp_path / "m", shardings=checkpoint.nested(shardings))
+    state = {tuple(str(k) for k in p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    n_sharded = 0
+    for path, array in state.items():
+        assert array.sharding.is_equivalent_to(shardings[path], array.ndim), path
+        n_sharded += shardings[path].spec == P(None, "fsdp")
+    assert n_sharded >= 5
+    assert_same_params(model, tiny_model)
+
+
+def write_training_run(workdir, model, steps):
+    """A training directory as the trainer writes it: CheckpointManager items params/opt_state/meta."""
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), "train": {"steps": 10}}))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("params", "opt_state", "meta")) as mgr:
+        for step in steps:
+            scaled = jax.tree.map(lambda x, s=step: x * s, params)
+            mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(scaled),
+                                                   opt_state=ocp.args.StandardSave({"count": jnp.int32(step)}),
+                                                   meta=ocp.args.JsonSave({"step": step})))
+        mgr.wait_until_finished()
+
+
+def test_training_checkpoints(tmp_path, tiny_model):
+    work = tmp_path / "run"
+    write_training_run(work, tiny_model, steps=(2, 5))
+    (work / "checkpoints" / "9.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save is skipped
+    info = checkpoint.find_checkpoint(work)
+    assert (info.kind, info.step) == ("training", 5)
+    _, model = checkpoint.load_model(work)
+    want = {k: v * 5 for k, v in flat_params(tiny_model).items()}
+    for k, v in flat_params(model).items():
+        np.testing.assert_allclose(v, want[k], rtol=1e-6, err_msg=".".join(k))
+    info = checkpoint.find_checkpoint(work / "checkpoints" / "2")
+    assert (info.kind, info.step, info.config_path) == ("training", 2, work / "config.json")
+    _, model2 = checkpoint.load_model(work / "checkpoints" / "2")
+    np.testing.assert_allclose(flat_params(model2)[("llm", "ln_f", "weight")],
+                               2 * flat_params(tiny_model)[("llm", "ln_f", "weight")], rtol=1e-6)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    shutil.copy(work / "config.json", empty / "config.json")
+    (empty / "checkpoints").mkdir()
+    with pytest.raises(WeightsError, match="without any finished checkpoint"):
+        checkpoint.find_checkpoint(empty)
+
+
+def test_find_checkpoint_kinds_and_errors(tmp_path):
+    golden = GOLDEN / "models" / "qwen2_style"
+    assert checkpoint.find_checkpoint(golden).kind == "pytorch"
+    assert checkpoint.find_checkpoint(golden / "model.safetensors").kind == "pytorch"
+    with pytest.raises(WeightsError, match="no such file or directory"):
+        checkpoint.find_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="not a checkpoint. Expected a molmo_jax model directory"):
+        checkpoint.find_checkpoint(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(WeightsError, match="not a checkpoint"):
+        checkpoint.find_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(WeightsError, match="use load_any"):
+        checkpoint.load_model(golden)
+
+
+def test_load_any_converts_pytorch_in_memory():
+    golden = GOLDEN / "models" / "olmo_style"
+    cfg, model = checkpoint.load_any(golden)
+    _, reference = pretrained.load_pytorch_dir(golden)
+    assert cfg.llm.norm_after and cfg.vit.n_layers == 9
+    assert_same_params(model, reference)
+    assert checkpoint.load_config(golden).to_dict() == cfg.to_dict()
+
+
+def test_save_model_checks_and_never_leaves_partial_output(tmp_path, tiny_model):
+    flat = flat_params(tiny_model)
+    bad = dict(flat)
+    bad[("llm", "ln_f", "weight")] = np.ones(65, np.float32)
+    with pytest.raises(WeightsError, match=r"llm.ln_f.weight has shape \(65,\) but the config expects \(64,\)"):
+        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, bad)
+    del bad[("llm", "ln_f", "weight")]
+    with pytest.raises(WeightsError, match="missing parameters llm.ln_f.weight"):
+        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, bad)
+    # A failure after the parameters were written (tokenizer directory missing) removes everything.
+    with pytest.raises(WeightsError, match="tokenizer directory not found"):
+        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat, tokenizer_dir=tmp_path / "no_tok")
+    assert list(tmp_path.iterdir()) == []
+    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    with pytest.raises(WeightsError, match="already exists"):
+        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, {k: v * 2 for k, v in flat.items()}, overwrite=True)
+    _, model = checkpoint.load_model(tmp_path / "m")
+    np.testing.assert_array_equal(flat_params(model)[("llm", "ln_f", "weight")], 2 * flat[("llm", "ln_f", "weight")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
