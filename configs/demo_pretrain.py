@@ -6,7 +6,8 @@ from configs import base
 
 # Scenes the demo model can learn to point at within minutes: up to 4 shapes whose centres sit on a
 # 4 x 4 grid aligned with the pooled image tokens (input_pipeline/synthetic.py, option `grid`).
-SYNTHETIC_OPTIONS = "grid=4,max_objects=4,image_size=112"
+SYNTHETIC_OPTIONS = ("grid=4,max_objects=4,image_size=112,qa_per_image=1,"
+                     "kinds=shapes+clock+chart,kind_weights=0.8+0.1+0.1")
 
 
 def demo_model():
@@ -20,7 +21,7 @@ def demo_data(c):
     c.data.update(kind="synthetic", synthetic_options=SYNTHETIC_OPTIONS,
                   synthetic_split_sizes="train=4000,validation=100,test=200")
     c.batch_size = 16
-    c.seq_len = 384
+    c.seq_len = 320
     c.log_every = 10
     c.keep_checkpoints = 1
     c.mesh.update(data=1, fsdp=-1)
@@ -29,8 +30,9 @@ def demo_data(c):
 
 def get_config():
     c = demo_data(base.pretrain(demo_model()))
-    c.total_steps = 300
-    c.checkpoint_every = 300
+    c.seq_len = 256              # caption + transcript of a 112-px scene: ~200 tokens
+    c.total_steps = 100          # captions are learnt fast; stage 2 gets the time
+    c.checkpoint_every = 100
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=2e-3, warmup=30)
     c.optimizer.frozen = ""      # a from-scratch embedding must learn too

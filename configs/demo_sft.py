@@ -7,8 +7,8 @@ from configs.demo_pretrain import demo_data, demo_model
 def get_config():
     c = demo_data(base.sft(demo_model()))
     c.model.llm.update(residual_dropout=0.0)  # a small model on endless data: no need to regularise
-    c.total_steps = 1500
-    c.checkpoint_every = 500
+    c.total_steps = 1200
+    c.checkpoint_every = 400
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=2e-3, warmup=50)
     c.optimizer.frozen = ""

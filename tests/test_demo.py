@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from configs.demo_pretrain import SYNTHETIC_OPTIONS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,7 +36,7 @@ def test_quick_demo_then_eval_command(tmp_path):
     out = tmp_path / "eval"
     ev = subprocess.run([sys.executable, "-m", "tools.eval", "--checkpoint", str(work / "stage2"),
                          "--dataset", "synthetic_counting:test", "--max-examples", "2",
-                         "--data-dir", str(work / "data"), "--synthetic-options", "grid=4,max_objects=4,image_size=112",
+                         "--data-dir", str(work / "data"), "--synthetic-options", SYNTHETIC_OPTIONS,
                          "--split-sizes", "train=64,validation=8,test=16", "--out", str(out)],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-3000:]
