@@ -26,6 +26,10 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.keep_every = 0              # ... and every K-th step forever (0 = none)
     c.async_checkpointing = True
     c.max_bad_steps = 10          # stop after this many non-finite steps in a row
+    c.eval_every = 0              # validation loss + a small generation eval every N steps (0 = off)
+    c.eval_batches = 4            # validation batches for the loss
+    c.eval_tasks = ("synthetic_pointing", "synthetic_counting", "synthetic_qa")  # kind "synthetic"
+    c.eval_examples = 16          # examples per task
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = guess from the device kind
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
     c.data = ml_collections.ConfigDict(dict(

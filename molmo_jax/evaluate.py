@@ -87,3 +87,29 @@ def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = Eva
         for p, m, s in zip(preds, metas, scores):
             rows.append({"prediction": p, **m, "scores": s})
     return rows, results
+
+
+def mean_loss(model, batches) -> float:
+    """Weighted mean token loss (the training loss without z-loss) over model batches."""
+    import jax
+    from flax import nnx
+
+    from molmo_jax import model as model_lib
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def losses(state, b):
+        m = nnx.merge(graphdef, state)
+        out = m(b["input_ids"], b.get("images"), b.get("image_masks"), b.get("image_input_idx"),
+                position_ids=b.get("position_ids"), subsegment_ids=b.get("subsegment_ids"))
+        ce, _, w = model_lib.token_losses(out["logits"], b["target_tokens"], b["loss_masks"])
+        return ce.sum(), w.sum()
+
+    keys = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
+            "image_masks", "image_input_idx")
+    total = weight = 0.0
+    for b in batches:
+        s, w = losses(state, {k: b[k] for k in keys if k in b})
+        total, weight = total + float(s), weight + float(w)
+    return total / max(weight, 1e-8)

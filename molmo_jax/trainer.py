@@ -241,9 +241,16 @@ class Trainer:
                 out[k] = jax.make_array_from_process_local_data(sh, x)
         return out
 
-    def fit(self, data_iter, progress: bool = True):
+    def model(self):
+        """The current parameters as a Molmo module (for evaluation)."""
+        state = jax.tree.map(lambda x: x, self.abstract)
+        nnx.replace_by_pure_dict(state, self.params)
+        return nnx.merge(self.graphdef, state)
+
+    def fit(self, data_iter, progress: bool = True, evaluator=None):
         """Train until config.total_steps. `data_iter` yields per-process numpy batches and has
-        get_state()/set_state() (its state is saved with every checkpoint)."""
+        get_state()/set_state() (its state is saved with every checkpoint). `evaluator(model) ->
+        {name: number}` runs every `config.eval_every` steps; its results are logged as eval/*."""
         c = self.config
         if self.data_state is not None and hasattr(data_iter, "set_state"):
             data_iter.set_state(self.data_state)
@@ -254,6 +261,7 @@ class Trainer:
         peak = (c.peak_flops_per_device or flops_lib.default_peak_flops_per_device()) * jax.device_count()
         t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
         try:
+            pending = None
             while self.step < c.total_steps and not stop["sigterm"]:
                 batch = next(data_iter)
                 n_tokens = int(np.sum(np.asarray(batch["input_ids"]) != -1)) * jax.process_count()
@@ -262,7 +270,11 @@ class Trainer:
                     self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, gbatch,
                                                                       jnp.int32(self.step))
                 self.step += 1
-                self._track_bad(bool(metrics["skipped"]))  # one scalar per step: cheap to fetch
+                # The previous step's flag: reading it after dispatching this step keeps the host
+                # loading the next batch while the device computes (no per-step synchronisation).
+                if pending is not None:
+                    self._track_bad(bool(pending))
+                pending = metrics["skipped"]
                 self.data_state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
                 tokens_since += n_tokens
                 steps_since += 1
@@ -282,6 +294,10 @@ class Trainer:
                     t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
                 if self.step % c.checkpoint_every == 0 and self.step < c.total_steps:
                     self.save()
+                if evaluator is not None and c.get("eval_every") and self.step % c.eval_every == 0:
+                    writer.write(self.step, evaluator(self.model()), prefix="eval")
+            if pending is not None:
+                self._track_bad(bool(pending))
             if steps_since:
                 bar.update(steps_since)
             self.save(force=True)

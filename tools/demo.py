@@ -38,15 +38,6 @@ def configs(workdir: str, quick: bool):
     return stages
 
 
-def params_to_model(trainer):
-    import jax
-    from flax import nnx
-
-    state = jax.tree.map(lambda x: x, trainer.abstract)
-    nnx.replace_by_pure_dict(state, trainer.params)
-    return nnx.merge(trainer.graphdef, state)
-
-
 def evaluate(model, tokenizer, c, n_examples: int, bar_desc: str):
     from tqdm import tqdm
 
@@ -69,32 +60,17 @@ def evaluate(model, tokenizer, c, n_examples: int, bar_desc: str):
 
 def caption_loss(model, c1, batches: int = 4) -> float:
     """Mean token loss on validation captions, formatted as in stage 1."""
-    import jax
-    from flax import nnx
+    import itertools
 
     import input_pipeline
-    from molmo_jax import model as model_lib
-    from molmo_jax.trainer import BATCH_KEYS
+    from molmo_jax.evaluate import mean_loss
 
     loader = input_pipeline.make_loader(c1, split="validation")
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def losses(state, b):
-        m = nnx.merge(graphdef, state)
-        out = m(b["input_ids"], b["images"], b["image_masks"], b["image_input_idx"],
-                position_ids=b["position_ids"], subsegment_ids=b.get("subsegment_ids"))
-        ce, _, w = model_lib.token_losses(out["logits"], b["target_tokens"], b["loss_masks"])
-        return ce.sum(), w.sum()
-
-    total, weight = 0.0, 0.0
-    for _ in range(batches):
-        b = next(loader)
-        s, w = losses(state, {k: v for k, v in b.items() if k in BATCH_KEYS})
-        total, weight = total + float(s), weight + float(w)
-    if hasattr(loader, "close"):
-        loader.close()
-    return total / max(weight, 1e-8)
+    try:
+        return mean_loss(model, itertools.islice(loader, batches))
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
 
 
 def train(name, c, workdir, init_params=None):
@@ -187,7 +163,7 @@ def main(argv=None):
     t2 = train(n2, c2, workdir, init_params=t1.params)
 
     print("[5/6] evaluating the trained model", file=sys.stderr)
-    trained = params_to_model(t2)
+    trained = t2.model()
     examples, rows, after = evaluate(trained, tokenizer, c2, n_eval, "eval (trained)")
     loss_after = caption_loss(trained, c1)
     with open(os.path.join(workdir, "predictions.jsonl"), "w") as f:

@@ -17,6 +17,40 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def make_evaluator(config):
+    """Validation loss and a small generation evaluation, every config.eval_every steps (0 = off)."""
+    if not config.get("eval_every") or config.data.kind == "random":
+        return None
+    import itertools
+
+    import input_pipeline
+    from input_pipeline.evaluation import make_eval_examples
+    from molmo_jax import evaluate
+    from molmo_jax.preprocess import MolmoTokenizer
+
+    tokenizer = MolmoTokenizer(input_pipeline.tokenizer_dir(config), config.model.llm.vocab_size)
+    examples = []
+    if config.data.kind == "synthetic":
+        for task in config.eval_tasks:
+            examples += list(make_eval_examples(task, "validation", config.data.data_dir or None,
+                                                limit=config.eval_examples, options=input_pipeline.synthetic_options(config)))
+    settings = evaluate.EvalSettings(batch_size=min(16, config.batch_size), seq_buckets=(config.seq_len,))
+
+    def run(model):
+        out = {}
+        loader = input_pipeline.make_loader(config, split="validation")
+        try:
+            out["val_loss"] = evaluate.mean_loss(model, itertools.islice(loader, config.eval_batches))
+        finally:
+            loader.close()
+        if examples:
+            _, results = evaluate.run(model, tokenizer, examples, settings)
+            for task, metrics in results.items():
+                out.update({f"{task}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return out
+    return run
+
+
 def main(argv):
     del argv
     import jax
@@ -39,7 +73,7 @@ def main(argv):
         print(f"initialised from {config.init_from}")
     data = input_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
     try:
-        step = trainer.fit(data, progress=_PROGRESS.value)
+        step = trainer.fit(data, progress=_PROGRESS.value, evaluator=make_evaluator(config))
     except trainer_lib.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
