@@ -1,36 +1,80 @@
 """Generation with a KV cache (spec section 14): prefill once with the images, then one token a step.
 
-Shapes are static: the cache holds `cache_len` slots (a bucket >= prompt + new tokens). Slot s of
-the cache holds prompt token s for s < T (padding slots stay but are masked) and generated token
-s - T after that. Position ids continue from each row's last *valid* prompt position, so right
-padded prompts of different lengths decode together (spec 14.2-14.3, pitfall 35).
+Shapes are static: the cache holds `cache_len` slots (a bucket >= prompt + new tokens); slot s holds
+prompt token s for s < T (padding slots stay but are masked), then generated token s - T. Position
+ids continue from each row's last *valid* prompt position, so right padded prompts of different
+lengths decode together (spec 14.2-14.3, pitfall 35).
 
-The decode loop runs inside one jitted `lax.while_loop` that exits as soon as every row has
-produced EOS, so a step costs one small XLA call, not a Python round trip.
+Speed (a decode step is memory-bound: it reads all LLM weights once):
+- Layers are unrolled over per-layer weight copies made once in `Generator.__init__` (a `lax.scan`
+  over stacked weights slices, i.e. copies, every layer's weights at every step).
+- The cache is one (k, v) pair per layer laid out [rows, kv_heads, slots, head_dim]: the attention
+  dots read it in place (the model's [rows, slots, heads, dim] needs a transpose per step), and
+  the new slot is written in place.
+- The loop is one jitted `lax.while_loop` that exits once every row is done; only with stop strings
+  does the host look at the text, every `STOP_CHECK_EVERY` tokens (every token for beam search,
+  so that a stopped beam's score holds no token after the stop).
+
+Beam search keeps K beams per prompt; a finished beam stays and may only continue with EOS at
+log-prob 0 (the original's AllenNLP-style search). Beams compete on summed token log-probs; the
+final choice among the K divides that by length ** `length_penalty` (0 = plain sum, the original's).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from molmo_jax.model import positions_from_mask
+from molmo_jax.layers import rope
+from molmo_jax.model import attention_mask, positions_from_mask
+from molmo_jax.sharding import batch_sharding, constrain, use_mesh
 
-CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (bounded recompilation)
+CACHE_BUCKET = 64      # cache lengths are rounded up to a multiple of this (bounded recompilation)
+STOP_CHECK_EVERY = 16  # tokens decoded between two host-side stop-string checks
+MODEL_INPUTS = ("input_ids", "images", "image_masks", "image_input_idx")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How to pick the next token. temperature 0 = greedy (the reference's setting)."""
+    """How to pick tokens. temperature 0 and beam_size 1 = greedy (the reference's setting)."""
     max_new_tokens: int = 16
     temperature: float = 0.0
-    top_k: int = 0          # 0 = off
-    top_p: float = 1.0      # 1 = off
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
     seed: int = 0
+    beam_size: int = 1
+    length_penalty: float = 0.0    # beam search: final score = sum log-prob / length ** this
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        stops = self.stop_strings
+        object.__setattr__(self, "stop_strings", (stops,) if isinstance(stops, str) else tuple(stops))
+        problems = [f"{name}={getattr(self, name)!r} {why}" for name, bad, why in (
+            ("max_new_tokens", self.max_new_tokens < 1, "must be >= 1"),
+            ("temperature", self.temperature < 0, "must be >= 0"),
+            ("top_k", self.top_k < 0, "must be >= 0"),
+            ("top_p", not 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("beam_size", self.beam_size < 1, "must be >= 1"),
+            ("stop_strings", not all(isinstance(s, str) and s for s in self.stop_strings),
+             "must be non-empty strings"),
+            ("beam_size", self.beam_size > 1 and self.temperature > 0,
+             "cannot be combined with sampling (temperature > 0)"))
+            if bad]
+        if problems:
+            raise ValueError("Sampling: " + "; ".join(problems))
+
+    def program(self) -> "Sampling":
+        """The fields that shape the compiled program (seed, stop strings and length penalty are not)."""
+        return dataclasses.replace(self, seed=0, stop_strings=(), length_penalty=0.0)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
@@ -38,38 +82,84 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
     return -(-n // bucket) * bucket
 
 
-def init_cache(cfg, batch: int, length: int):
-    l = cfg.llm
-    shape = (l.n_layers, batch, length, l.n_kv_heads, l.head_dim)
-    return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+# ------------------------------------------------------------------------------------------------
+# One step of the LLM for one new token per row. These mirror llm.Attention / llm.Block (reusing
+# their sub-modules) with the decode cache layout; the golden and cache == no-cache tests pin them.
+
+def _attend_new_token(attn, x, positions, k_cache, v_cache, valid, slot):
+    """llm.Attention for x [R, 1, d]: the same projections, clip, qk-norm and RoPE, then the new
+    key/value written at `slot` of the [R, kv_heads, S, hd] cache and attention over `valid` slots."""
+    q, k, v = attn.wq(x), attn.wk(x), attn.wv(x)
+    if attn.clip_qkv:
+        q, k, v = (jnp.clip(a, -attn.clip_qkv, attn.clip_qkv) for a in (q, k, v))
+    if attn.q_norm is not None:
+        q = attn.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+        k = attn.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    q, k = rope(q, positions, attn.theta), rope(k, positions, attn.theta)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, slot, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
+    r, _, hq, hd = q.shape
+    hkv = k_cache.shape[1]
+    q = q.reshape(r, hkv, hq // hkv, hd)  # query head h reads kv head h // (hq / hkv), as layers.attend
+    scores = jnp.einsum("rkgd,rksd->rkgs", q, k_cache, preferred_element_type=jnp.float32)
+    scores = jnp.where(valid[:, None, None, :], scores * (1.0 / math.sqrt(hd)), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("rkgs,rksd->rkgd", probs.astype(v_cache.dtype), v_cache).reshape(r, 1, hq, hd)
+    return attn.wo(out), k_cache, v_cache
 
 
-def prefill(model, input_ids, images, image_masks, image_input_idx, cache_len: int):
-    """Run the prompt (with images) into a fresh cache. Returns (first-step logits [B, V] taken at
-    each row's last valid token, cache, last valid position [B], slot validity [B, S])."""
-    b, t = input_ids.shape
-    valid = input_ids != -1
-    positions = positions_from_mask(valid)
-    slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)
-    causal = jnp.arange(cache_len)[None, :] <= jnp.arange(t)[:, None]
-    mask = (causal[None] & slots_valid[:, None, :])[:, None, None]
-    x = model.embed_inputs(input_ids, images, image_masks, image_input_idx)
-    cache = init_cache(model.cfg, b, cache_len)
-    h, _, cache = model.llm(x, positions, mask, cache=cache, cache_index=0)
-    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
-    logits = model.llm.logits(h[jnp.arange(b), last])
-    return logits.astype(jnp.float32), cache, positions[jnp.arange(b), last], slots_valid
+def _block_new_token(block, x, positions, k_cache, v_cache, valid, slot):
+    """llm.Block for one new token (same norm placement), with the decode attention above."""
+    if block.norm_after:
+        a, k_cache, v_cache = _attend_new_token(block.attn, x, positions, k_cache, v_cache, valid, slot)
+        h = x + block.attn_norm(a)
+        return h + block.ff_norm(block.ffn(h)), k_cache, v_cache
+    a, k_cache, v_cache = _attend_new_token(block.attn, block.attn_norm(x), positions, k_cache, v_cache, valid, slot)
+    h = x + a
+    return h + block.ffn(block.ff_norm(h)), k_cache, v_cache
 
 
-def decode_step(model, tokens, positions, cache, slots_valid, slot):
-    """One new token per row at cache slot `slot` (same for every row). Returns (logits, cache,
-    slots_valid)."""
+def decode_step(model, blocks, tokens, positions, cache, slots_valid, slot):
+    """Logits [R, V] (float32) for one new token per row at cache slot `slot`; returns
+    (logits, cache, slots_valid)."""
     slots_valid = slots_valid.at[:, slot].set(True)
-    mask = slots_valid[:, None, None, None, :]
     x = model.llm.embed(tokens[:, None])
-    h, _, cache = model.llm(x, positions[:, None], mask, cache=cache, cache_index=slot)
-    return model.llm.logits(h[:, 0]).astype(jnp.float32), cache, slots_valid
+    new_cache = []
+    for block, (k, v) in zip(blocks, cache):
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        x, k, v = _block_new_token(block, x, positions[:, None], k, v, slots_valid, slot)
+        new_cache.append((constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)))
+    logits = model.llm.logits(model.llm.ln_f(x)[:, 0]).astype(jnp.float32)
+    return logits, new_cache, slots_valid
 
+
+def prefill(model, blocks, batch, cache_len: int):
+    """Run the prompt (with images) through the model's own blocks and fill a fresh cache.
+    Returns (first-step logits [B, V] at each row's last valid token, cache, last valid position
+    [B], slot validity [B, S])."""
+    ids = batch["input_ids"]
+    b, t = ids.shape
+    valid = ids != -1
+    positions = positions_from_mask(valid)
+    mask = attention_mask(valid)
+    x = model.embed_inputs(ids, batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"))
+    l = model.cfg.llm
+    cache = []
+    for block in blocks:
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        empty = jnp.zeros((b, t, l.n_kv_heads, l.head_dim), x.dtype)
+        x, (k, v) = block(x, positions, mask, cache=(empty, empty), cache_index=0)
+        # [B, T, H, hd] -> slots 0..T-1 of a [B, H, S, hd] cache
+        cache.append(tuple(constrain(jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, cache_len - t), (0, 0))),
+                                     CACHE_AXES) for a in (k, v)))
+    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+    logits = model.llm.logits(model.llm.ln_f(x)[jnp.arange(b), last]).astype(jnp.float32)
+    slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)
+    return logits, cache, positions[jnp.arange(b), last], slots_valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing tokens
 
 def choose(logits, sampling: Sampling, key):
     """Greedy, or temperature / top-k / top-p sampling (seeded)."""
@@ -89,67 +179,230 @@ def choose(logits, sampling: Sampling, key):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generate_arrays(model, batch: dict, sampling: Sampling, eos_id: int, return_logits: bool = False):
-    """Decode up to `sampling.max_new_tokens` tokens for a batch. Returns a dict with `tokens`
-    [B, N] (-1 after a row's EOS... EOS itself is kept), `lengths` [B], and with
-    `return_logits` the per-step logits [B, N, V]."""
-    ids = batch["input_ids"]
-    n = sampling.max_new_tokens
-    b, t = ids.shape
-    cache_len = cache_length(t, n)
-    logits, cache, pos, slots_valid = prefill(model, ids, batch.get("images"), batch.get("image_masks"),
-                                              batch.get("image_input_idx"), cache_len)
-    vocab = logits.shape[-1]
-    key = jax.random.key(sampling.seed)
-    out_tokens = jnp.full((b, n), -1, jnp.int32)
-    out_logits = jnp.zeros((b, n, vocab) if return_logits else (b, 0, vocab), jnp.float32)
-    done = jnp.zeros((b,), bool)
+def _sample_choice(c, sampling, eos_id):
+    """Next token of every row (-1 once a row is done) and the log-prob it adds to the score."""
+    key, sub = jax.random.split(c["key"]) if sampling.temperature > 0 else (c["key"], None)
+    tok = jnp.where(c["done"], -1, choose(c["logits"], sampling, sub))
+    picked = jnp.take_along_axis(c["logits"], jnp.maximum(tok, 0)[:, None], axis=1)[:, 0]
+    logp = picked - jax.nn.logsumexp(c["logits"], axis=-1)
+    return dict(c, key=key), tok, jnp.where(c["done"], 0.0, logp)
 
-    def cond(c):
-        step, done = c[0], c[5]
-        return (step < n) & ~jnp.all(done)
+
+def _beam_choice(c, sampling, eos_id):
+    """Best `beam_size` extensions of each prompt's beams; rows are [B * K] in beam-major order."""
+    k = sampling.beam_size
+    rows, vocab = c["logits"].shape
+    logp = jax.nn.log_softmax(c["logits"])
+    finished = jnp.where(jnp.arange(vocab) == eos_id, 0.0, -jnp.inf)  # a done beam may only add EOS
+    logp = jnp.where(c["done"][:, None], finished[None], logp)
+    cand = (c["scores"][:, None] + logp).reshape(rows // k, k * vocab)
+    scores, flat = jax.lax.top_k(cand, k)
+    parent = (flat // vocab + jnp.arange(rows // k)[:, None] * k).reshape(rows)
+    tok = (flat % vocab).reshape(rows).astype(jnp.int32)
+    was_done = c["done"][parent]
+    tok = jnp.where(was_done, -1, tok)
+    scores = scores.reshape(rows)
+    logp = jnp.where(was_done, 0.0, scores - c["scores"][parent])
+    c = dict(c, scores=scores, done=was_done, tokens=c["tokens"][parent], logps=c["logps"][parent],
+             pos=c["pos"][parent], slots_valid=c["slots_valid"][parent],
+             cache=jax.tree.map(lambda a: a[parent], c["cache"]))
+    return c, tok, logp
+
+
+def _decode_loop(model, blocks, c, limit, sampling: Sampling, eos_id: int, return_logits: bool):
+    """Decode until `limit` tokens exist or every row is done (one lax.while_loop)."""
+    n = sampling.max_new_tokens
+    pick = _beam_choice if sampling.beam_size > 1 else _sample_choice
 
     def body(c):
-        step, logits, cache, pos, slots_valid, done, out_tokens, out_logits, key = c
-        key, sub = jax.random.split(key)
-        tok = choose(logits, sampling, sub)
-        tok = jnp.where(done, -1, tok)
-        out_tokens = out_tokens.at[:, step].set(tok)
+        step = c["step"]
         if return_logits:
-            out_logits = out_logits.at[:, step].set(logits)
-        done = done | (tok == eos_id)
-        pos = pos + 1
-        logits, cache, slots_valid = decode_step(model, jnp.maximum(tok, 0), pos, cache, slots_valid, t + step)
-        return step + 1, logits, cache, pos, slots_valid, done, out_tokens, out_logits, key
+            c = dict(c, step_logits=c["step_logits"].at[:, step].set(c["logits"]))
+        c, tok, logp = pick(c, sampling, eos_id)
+        done = c["done"] | (tok == eos_id)
+        c = dict(c, tokens=c["tokens"].at[:, step].set(tok), logps=c["logps"].at[:, step].set(logp), done=done,
+                 pos=c["pos"] + 1, step=step + 1)
 
-    carry = (jnp.int32(0), logits, cache, pos, slots_valid, done, out_tokens, out_logits, key)
-    carry = jax.lax.while_loop(cond, body, carry)
-    out_tokens = carry[6]
-    result = {"tokens": out_tokens, "lengths": jnp.sum(out_tokens >= 0, axis=1)}
-    if return_logits:
-        result["step_logits"] = carry[7]
-    return result
+        def forward(c):
+            logits, cache, slots_valid = decode_step(model, blocks, jnp.maximum(tok, 0), c["pos"], c["cache"],
+                                                     c["slots_valid"], c["prompt_len"] + step)
+            return dict(c, logits=logits, cache=cache, slots_valid=slots_valid)
+        # The last token's logits are never used: skip that forward (and the one after all stopped).
+        return jax.lax.cond((step + 1 < n) & ~jnp.all(done), forward, lambda c: c, c)
+
+    return jax.lax.while_loop(lambda c: (c["step"] < limit) & ~jnp.all(c["done"]), body, c)
+
+
+def _initial_carry(model, blocks, batch, key, sampling: Sampling, return_logits: bool):
+    n, k = sampling.max_new_tokens, sampling.beam_size
+    b, t = batch["input_ids"].shape
+    logits, cache, pos, slots_valid = prefill(model, blocks, batch, cache_length(t, n))
+    rows = b * k
+    if k > 1:  # every beam starts from the prompt; only beam 0 is live, so the first step picks K tokens
+        logits, cache, pos, slots_valid = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0),
+                                                       (logits, cache, pos, slots_valid))
+        scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), b)
+    else:
+        scores = jnp.zeros((rows,), jnp.float32)
+    return dict(step=jnp.int32(0), prompt_len=jnp.int32(t), logits=logits, cache=cache, pos=pos,
+                slots_valid=slots_valid, done=jnp.zeros((rows,), bool), tokens=jnp.full((rows, n), -1, jnp.int32),
+                logps=jnp.zeros((rows, n), jnp.float32), scores=scores, key=key,
+                step_logits=jnp.zeros((rows, n if return_logits else 0, logits.shape[-1]), jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# The user-facing generator
+
+def _unstack(stacked_state, n_layers: int) -> list:
+    """Per-layer copies of stacked block weights in their shardings (the layer axis is never split)."""
+    def take(a, i):
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+            return jax.jit(lambda x: x[i], out_shardings=out)(a)
+        return a[i]
+    return [jax.tree.map(lambda a: take(a, i), stacked_state) for i in range(n_layers)]
 
 
 class Generator:
-    """Jit-compiled generation for one model; compiled programs are cached per input shape."""
+    """Jit-compiled generation for one model; compiled programs are cached per input shape (the
+    jitted methods take `self` as a static argument: hashed by identity).
 
-    def __init__(self, model, eos_id: int):
-        self.graphdef, self.state = nnx.split(model)
-        self.eos_id = eos_id
+    `detokenize(ids) -> str` is needed for stop strings. With `mesh`, batches are split over its
+    batch axes and the cache is sharded like the activations (kv heads over `tensor`).
+    The generator holds per-layer copies of the decoder blocks: drop the model to free the stacked
+    ones."""
 
-    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-    def _run(self, state, batch, sampling, return_logits):
-        model = nnx.merge(self.graphdef, state)
-        return generate_arrays(model, batch, sampling, self.eos_id, return_logits)
+    def __init__(self, model, eos_id: int, detokenize: Callable[[Sequence[int]], str] | None = None,
+                 mesh=None):
+        self.cfg = model.cfg
+        self.eos_id = int(eos_id)
+        self.detokenize = detokenize
+        self.mesh = mesh
+        is_block = lambda path, _: tuple(str(p) for p in path[:2]) == ("llm", "blocks")  # noqa: E731
+        self.graphdef, blocks, self.rest = nnx.split(model, is_block, ...)
+        self.abstract_blocks = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), blocks)
+        self.block_graphdef, stacked = nnx.split(model.llm.blocks)
+        self.layers = _unstack(stacked, self.cfg.llm.n_layers)
 
-    def __call__(self, batch: dict, sampling: Sampling = Sampling(), return_logits: bool = False) -> dict:
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "images", "image_masks", "image_input_idx")}
-        out = self._run(self.state, batch, sampling, return_logits)
-        return jax.tree.map(np.asarray, out)
+    def _modules(self, rest, layers):
+        model = nnx.merge(self.graphdef, self.abstract_blocks, rest)  # blocks left abstract: never called
+        return model, [nnx.merge(self.block_graphdef, layer) for layer in layers]
 
-    def __hash__(self):
-        return id(self)
+    @functools.partial(jax.jit, static_argnums=(0, 5, 6))
+    def _prefill(self, rest, layers, batch, key, program, return_logits):
+        model, blocks = self._modules(rest, layers)
+        return _initial_carry(model, blocks, batch, key, program, return_logits)
 
-    def __eq__(self, other):
-        return self is other
+    @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
+    def _decode(self, rest, layers, carry, limit, program, return_logits):
+        model, blocks = self._modules(rest, layers)
+        return _decode_loop(model, blocks, carry, limit, program, self.eos_id, return_logits)
+
+    def __call__(self, batch: dict, sampling: Sampling = Sampling(), return_logits: bool = False,
+                 timings: dict | None = None) -> dict:
+        """Decode a batch (the Collator's layout; padding -1). Returns numpy arrays:
+        tokens [B, N] (EOS kept, -1 after the end), lengths [B], scores [B] (sum of the chosen
+        tokens' log-probs; for beams divided by length ** length_penalty), finish [B] ("eos",
+        "stop" or "length"), with `return_logits` step_logits [B, N, V] (greedy/sampling only), and
+        for beam search beam_tokens [B, K, N] / beam_scores [B, K] of every final beam.
+        A `timings` dict gets prefill_s and decode_s (the prefill is then waited for on its own)."""
+        batch = {k: np.asarray(v) for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+        vocab = self.cfg.llm.embedding_size
+        shapes = {k: v.shape for k, v in batch.items()}
+        for bad, why in (("input_ids" not in batch or batch["input_ids"].ndim != 2,
+                          f"batch needs input_ids [B, T]; got {shapes}"),
+                         (sampling.beam_size > 1 and return_logits, "return_logits needs beam_size 1"),
+                         (sampling.stop_strings and self.detokenize is None,
+                          "stop strings need a Generator made with detokenize=..."),
+                         (max(sampling.top_k, sampling.beam_size) > vocab,
+                          f"top_k / beam_size > vocabulary ({vocab})")):
+            if bad:
+                raise ValueError(why)
+        program, key = sampling.program(), jax.random.key(sampling.seed)
+        with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            if self.mesh is not None:
+                batch = {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim, v.shape[0])) for k, v in batch.items()}
+            start = time.perf_counter()
+            carry = self._prefill(self.rest, self.layers, batch, key, program, return_logits)
+            if timings is not None:
+                jax.block_until_ready(carry)
+                timings["prefill_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+            carry = jax.block_until_ready(self._run(carry, sampling, program, return_logits))
+            if timings is not None:
+                timings["decode_s"] = time.perf_counter() - start
+        return self._outputs(carry, sampling, return_logits)
+
+    def _run(self, carry, sampling, program, return_logits):
+        """The decode loop; with stop strings in chunks, the host marking rows whose text holds one
+        as done in between (their tokens are cut in `_outputs`)."""
+        n = sampling.max_new_tokens
+        if not sampling.stop_strings:
+            return self._decode(self.rest, self.layers, carry, jnp.int32(n), program, return_logits)
+        every = 1 if sampling.beam_size > 1 else STOP_CHECK_EVERY
+        step = 0
+        while True:
+            carry = self._decode(self.rest, self.layers, carry, jnp.int32(min(n, step + every)), program,
+                                 return_logits)
+            step = int(carry["step"])
+            done, tokens = np.array(carry["done"]), np.asarray(carry["tokens"])
+            for row in np.flatnonzero(~done):
+                if has_stop(tokens[row], sampling.stop_strings, self.detokenize):
+                    done[row] = True
+            if step >= n or done.all():
+                return carry
+            carry = dict(carry, done=jnp.asarray(done))
+
+    def _outputs(self, carry, sampling, return_logits):
+        tokens = np.array(carry["tokens"])
+        finish = np.where((tokens == self.eos_id).any(axis=1), "eos", "length").astype(object)
+        for row in range(len(tokens)) if sampling.stop_strings else ():
+            kept = stop_position(tokens[row], sampling.stop_strings, self.detokenize)
+            if kept is not None:
+                tokens[row, kept:] = -1
+                finish[row] = "stop"
+        lengths = (tokens >= 0).sum(axis=1)
+        # sum of the kept tokens' log-probs (tokens after a stop string are not counted)
+        scores = np.where(tokens >= 0, np.asarray(carry["logps"], np.float64), 0.0).sum(axis=1)
+        out = {}
+        if sampling.beam_size > 1:
+            k = sampling.beam_size
+            if sampling.length_penalty:
+                scores = scores / np.maximum(lengths, 1) ** sampling.length_penalty
+            b = tokens.shape[0] // k
+            beam_tokens, beam_scores = tokens.reshape(b, k, -1), scores.reshape(b, k)
+            best = np.argmax(beam_scores, axis=1) + np.arange(b) * k
+            out.update(beam_tokens=beam_tokens, beam_scores=beam_scores)
+            tokens, scores, lengths, finish = tokens[best], scores[best], lengths[best], finish[best]
+        out.update(tokens=tokens, lengths=lengths, scores=scores, finish=finish.astype(str))
+        if return_logits:
+            out["step_logits"] = np.asarray(carry["step_logits"])
+        return out
+
+
+def has_stop(tokens, stop_strings, detokenize) -> bool:
+    text = detokenize([int(t) for t in tokens if t >= 0])
+    return any(s in text for s in stop_strings)
+
+
+def stop_position(tokens, stop_strings, detokenize) -> int | None:
+    """The number of leading tokens whose text first contains a stop string (None: no stop string).
+    `tokens` may hold -1 (nothing) entries. Binary search: a longer prefix's text extends a shorter's."""
+    ids = [int(t) for t in tokens if t >= 0]
+    if not has_stop(ids, stop_strings, detokenize):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has_stop(ids[:mid], stop_strings, detokenize):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)

@@ -1,0 +1,211 @@
+"""Ask a Molmo checkpoint about images: one question, a JSONL batch, or golden-style parity inputs.
+
+    python -m tools.infer --checkpoint PATH --image FILE --prompt TEXT [--out-image points.png] [--json]
+    python -m tools.infer --checkpoint PATH --batch requests.jsonl --out answers.jsonl
+    python -m tools.infer --checkpoint PATH --inputs INPUTS.npz --max-new-tokens 16 --out OUT.npz
+
+PATH: a molmo_jax model directory, a training run (or one step directory of it), or a PyTorch
+directory (original / released HF form, converted on the fly). The tokenizer comes from the
+checkpoint (`tokenizer/`, or a tokenizer.json next to the weights) or `--tokenizer DIR`.
+Batch records are JSON objects {"image": path, "prompt": text}; relative image paths are read
+relative to the JSONL file. `--inputs` decodes pre-made model inputs (input_ids, images, image_masks,
+image_input_idx) and writes greedy_tokens and greedy_step_logits, for parity checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from tools.forward import read_inputs
+
+DEFAULT_MAX_NEW_TOKENS = 200  # = molmo_jax.inference.DEFAULT_MAX_NEW_TOKENS (not imported: keeps --help fast)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tools.infer", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="model directory, training run, or PyTorch directory")
+    p.add_argument("--tokenizer", help="tokenizer folder (when the checkpoint has none)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--image", help="image file (with --prompt)")
+    mode.add_argument("--batch", help="JSONL file of {\"image\", \"prompt\"} records (with --out)")
+    mode.add_argument("--inputs", help="golden-style inputs .npz (with --out): parity decode")
+    p.add_argument("--prompt", help="the question")
+    p.add_argument("--out", help="answers .jsonl (--batch) or outputs .npz (--inputs)")
+    p.add_argument("--out-image", help="write the image with the answer's points drawn (PNG)")
+    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 200 (16 with --inputs, the golden decode length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=0.0, help="beam search: score / length ** this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    p.add_argument("--style", default="demo", help="prompt style; 'demo' = no prefix, e.g. 'vqa2' adds 'vqa2:'")
+    p.add_argument("--max-crops", type=int, default=None, help="image crops (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --batch mode")
+    args = p.parse_args(argv)
+    if args.image is not None and not args.prompt:
+        p.error("--image needs --prompt")
+    if (args.batch or args.inputs) and not args.out:
+        p.error("--batch and --inputs need --out")
+    if args.out_image and not args.image:
+        p.error("--out-image goes with --image")
+    return args
+
+
+def sampling_kwargs(args, default_max_new_tokens):
+    return dict(max_new_tokens=args.max_new_tokens or default_max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size, length_penalty=args.length_penalty,
+                seed=args.seed, stop_strings=tuple(args.stop))
+
+
+def read_requests(path) -> list[dict]:
+    """{"image", "prompt"} records of a JSONL file; errors name the line."""
+    path = pathlib.Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot be read ({e})")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{number}: not valid JSON ({e.msg})")
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
+            raise SystemExit(f"error: {path}:{number}: expected an object with string fields \"image\" and "
+                             f"\"prompt\", got {line.strip()[:80]}")
+        image = pathlib.Path(rec["image"])
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise SystemExit(f"error: {path}:{number}: image {image} not found")
+        out.append(dict(rec, image=str(image)))
+    if not out:
+        raise SystemExit(f"error: {path}: no records")
+    return out
+
+
+def load_answerer(args, mesh=None):
+    from molmo_jax.inference import Answerer
+    from molmo_jax.preprocess import TokenizerError
+    from molmo_jax.torch_format import WeightsError
+
+    try:
+        return Answerer.load(args.checkpoint, args.tokenizer, mesh=mesh, max_crops=args.max_crops, style=args.style)
+    except (WeightsError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run_single(args):
+    from molmo_jax import points as points_lib
+    from molmo_jax.preprocess import ImageError
+
+    if not os.path.isfile(args.image):
+        raise SystemExit(f"error: {args.image}: image not found")
+    answerer = load_answerer(args)
+    try:
+        answer = answerer.ask(args.image, args.prompt, **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
+    except ImageError as e:
+        raise SystemExit(f"error: {e}")
+    if args.out_image:
+        points_lib.draw_points(args.image, answer.points_px, args.out_image)
+    if args.json:
+        print(json.dumps(answer.to_json()))
+        return
+    print(answer.text)
+    if len(answer.points_px):
+        print("points (x, y px): " + ", ".join(f"({x:.1f}, {y:.1f})" for x, y in answer.points_px))
+    if answer.count is not None:
+        print(f"count: {answer.count}")
+    if args.out_image:
+        print(f"wrote {args.out_image} ({len(answer.points_px)} points drawn)")
+
+
+def run_batch(args):
+    from tqdm import tqdm
+
+    from molmo_jax.preprocess import ImageError
+
+    requests = read_requests(args.batch)
+    answerer = load_answerer(args)
+    bar = tqdm(total=len(requests), unit="prompt", file=sys.stderr)
+    t0 = time.perf_counter()
+    with open(args.out, "w") as f:
+        def write(answers):
+            for a in answers:
+                f.write(json.dumps(a.to_json()) + "\n")
+            bar.update(len(answers))
+        try:
+            answers = answerer.ask_many(requests, batch_size=args.batch_size, progress=write,
+                                        **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
+        except ImageError as e:
+            raise SystemExit(f"error: {e}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(a.tokens) for a in answers)
+    print(f"{len(answers)} answers -> {args.out}; {n_tokens} tokens in {seconds:.1f}s = "
+          f"{n_tokens / seconds:.1f} tokens/s (incl. preprocessing and compilation)")
+
+
+def run_inputs(args):
+    """Parity decode: golden-style inputs -> greedy_tokens, greedy_step_logits ([N], [N, V] for one row)."""
+    from molmo_jax import checkpoint as ckpt_lib
+    from molmo_jax import generate as gen_lib
+    from molmo_jax.inference import NoTokenizerError, find_tokenizer
+    from molmo_jax.preprocess import MolmoTokenizer, TokenizerError
+    from molmo_jax.torch_format import WeightsError
+
+    data = read_inputs(args.inputs)
+    try:
+        cfg, model = ckpt_lib.load_any(args.checkpoint)
+        try:  # EOS from the tokenizer when there is one; else the config's
+            eos = MolmoTokenizer(str(find_tokenizer(args.checkpoint, args.tokenizer)), cfg.llm.vocab_size).eos_id
+        except NoTokenizerError:
+            eos = cfg.llm.eos_token_id
+    except (WeightsError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}")
+    sampling = gen_lib.Sampling(**sampling_kwargs(args, 16))
+    gen = gen_lib.Generator(model, eos)
+    t0 = time.perf_counter()
+    out = gen({k: data[k] for k in gen_lib.MODEL_INPUTS}, sampling, return_logits=sampling.beam_size == 1)
+    n = int(out["lengths"].max())
+    result = {"greedy_tokens": out["tokens"][:, :n], "scores": out["scores"].astype(np.float32)}
+    if "step_logits" in out:
+        result["greedy_step_logits"] = out["step_logits"][:, :n]
+    if len(out["tokens"]) == 1:  # one prompt: the golden expected.npz layout
+        result = {k: v[0] for k, v in result.items()}
+    np.savez(args.out, **result)
+    print(f"{cfg.name}: {out['tokens'].shape[0]} prompt(s), {n} tokens (EOS {eos}) in "
+          f"{time.perf_counter() - t0:.1f}s; wrote {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        from molmo_jax.generate import Sampling
+        Sampling(**sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))  # bad settings fail before the model loads
+        if args.inputs:
+            run_inputs(args)
+        elif args.batch:
+            run_batch(args)
+        else:
+            run_single(args)
+    except ValueError as e:  # bad sampling settings, shapes: one line, not a traceback
+        raise SystemExit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
