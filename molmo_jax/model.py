@@ -14,6 +14,7 @@ from flax import nnx
 
 from molmo_jax.connector import Connector
 from molmo_jax.layers import init_mode
+from molmo_jax.sharding import constrain
 from molmo_jax.llm import Decoder
 from molmo_jax.vit import VisionTransformer
 
@@ -128,20 +129,25 @@ def loss_fn(outputs, labels, loss_masks, normalizer=None):
 def sparse_loss(model, hidden, labels, loss_masks, max_loss_tokens: int, normalizer=None):
     """The same loss as `loss_fn`, with the output head applied only where the weight is > 0.
 
-    Static shapes: the first `max_loss_tokens` weighted positions of the flattened batch are gathered
-    (`jnp.nonzero(size=...)`); the head and the softmax then cost max_loss_tokens x vocab instead of
-    B x T x vocab. If more positions carry weight, the excess is dropped, and `n_dropped` says so.
+    Static shapes: per example, the first K = ceil(max_loss_tokens / B) weighted positions are
+    gathered (`jnp.nonzero(size=K)` row by row), so the head and the softmax cost B x K x vocab
+    instead of B x T x vocab. Selecting per row (not over the flattened batch) keeps the batch
+    sharding: the gathered states and the logits stay split over the batch axes and the vocabulary
+    over `tensor`. Positions beyond K in a row are dropped and counted in `n_dropped`.
     """
-    d = hidden.shape[-1]
-    flat_w = jnp.where(labels < 0, 0.0, jnp.maximum(loss_masks, 0.0)).reshape(-1)
-    (pos,) = jnp.nonzero(flat_w > 0, size=max_loss_tokens, fill_value=0)
-    taken = jnp.arange(max_loss_tokens) < jnp.sum(flat_w > 0)
-    h = hidden.reshape(-1, d)[pos]
-    w = jnp.where(taken, flat_w[pos], 0.0)
-    lab = jnp.where(taken, labels.reshape(-1)[pos], -1)
-    ce, z, w = token_losses(model.llm.logits(h), lab, w)
+    b, t, _ = hidden.shape
+    k = max(1, min(t, -(-int(max_loss_tokens) // b)))
+    weights = jnp.where(labels < 0, 0.0, jnp.maximum(loss_masks, 0.0))
+    (pos,) = jax.vmap(lambda row: jnp.nonzero(row > 0, size=k, fill_value=0))(weights)
+    counts = jnp.sum(weights > 0, axis=1)
+    taken = jnp.arange(k)[None, :] < counts[:, None]
+    h = constrain(jnp.take_along_axis(hidden, pos[..., None], axis=1), ("batch", None, "act_embed"))
+    w = jnp.where(taken, jnp.take_along_axis(weights, pos, axis=1), 0.0)
+    lab = jnp.where(taken, jnp.take_along_axis(labels, pos, axis=1), -1)
+    logits = constrain(model.llm.logits(h), ("batch", None, "act_vocab"))
+    ce, z, w = token_losses(logits, lab, w)
     denom = jnp.maximum(jnp.sum(w) if normalizer is None else normalizer, 1e-8)
-    n_dropped = jnp.maximum(jnp.sum(flat_w > 0) - max_loss_tokens, 0)
+    n_dropped = jnp.sum(jnp.maximum(counts - k, 0))
     return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w), n_dropped
 
 
