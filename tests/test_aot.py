@@ -1,0 +1,235 @@
+"""Ahead-of-time compilation reports (molmo_jax.aot, tools.aot) on simulated CPU devices: exact
+per-device parameter bytes for FSDP and tensor parallelism, a program over its memory budget is
+reported as not fitting, HLO statistics count loop bodies once per trip. Compiles for TPU slices
+run only where libtpu is installed (it is optional: the `tpu` extra)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from configs import tiny_sft
+from molmo_jax import aot, hlo_stats
+from molmo_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The rules table (molmo_jax.sharding.RULES) restated: which logical parameter axes each mesh axis splits.
+FSDP_AXES = {"embed", "vit_embed", "vit_feature"}
+TENSOR_AXES = {"vocab", "heads", "kv_heads", "mlp", "expert_mlp", "q_norm", "kv_norm", "vit_heads", "vit_mlp"}
+
+
+def small_config():
+    c = tiny_sft.get_config()
+    c.batch_size, c.seq_len = 8, 64
+    c.data.max_crops = 1  # 2 crops per example: a small, fast program
+    return c
+
+
+def expected_param_bytes(cfg, mesh: dict) -> int:
+    """Bytes of one device's parameter shards from the shapes and logical names alone: a dimension
+    is split over its mesh axis if the axis is > 1, not used by an earlier dimension and divides it."""
+    state = nnx.state(model_lib.abstract_model(cfg.model), nnx.Param)
+    total = 0
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        split, used = 1, set()
+        for size, name in zip(var.shape, names):
+            axis = "fsdp" if name in FSDP_AXES else "tensor" if name in TENSOR_AXES else None
+            n = mesh.get(axis, 1)
+            if axis and n > 1 and axis not in used and size % n == 0:
+                split *= n
+                used.add(axis)
+        total += math.prod(var.shape) * jnp.dtype(var.dtype).itemsize // split
+    return total
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """The FSDP report is compiled; the tensor-parallel one stops after the state sizes (compiling
+    it too would double this file's run time and test nothing more about parameter bytes)."""
+    topo = aot.parse_topology("cpu-8")
+    return {"fsdp": (dict(fsdp=8), aot.compile_report(small_config(), topo, dict(fsdp=8))),
+            "tensor": (dict(fsdp=2, tensor=4), aot.compile_report(small_config(), topo, dict(fsdp=2, tensor=4),
+                                                                   compile=False))}
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "tensor"])
+def test_parameter_bytes_per_device_are_exact(reports, kind):
+    mesh, r = reports[kind]
+    cfg = small_config()
+    full = expected_param_bytes(cfg, {})
+    expected = expected_param_bytes(cfg, mesh)
+    assert r["param_bytes_per_device"] == expected
+    assert full // 8 < expected < full // 2  # mostly split; norms, biases and odd sizes replicate
+    assert r["param_count"] * 4 == full
+    assert r["grad_bytes_per_device"] == expected  # float32 parameters: the accumulator matches
+    assert r["mesh"] == dict(dict(data=1, fsdp=1, tensor=1, expert=1), **mesh)
+
+
+def test_report_memory_flops_and_collectives(reports):
+    _, r = reports["fsdp"]
+    assert r["fits"] and r["oom_message"] is None
+    fixed = r["param_bytes_per_device"] + r["opt_state_bytes_per_device"] + r["batch_bytes_per_device"]
+    assert r["peak_bytes_per_device"] >= fixed
+    assert r["peak_bytes_per_device"] == (r["argument_bytes_per_device"] + r["output_bytes_per_device"]
+                                          + r["temp_bytes_per_device"] + r["code_bytes_per_device"])
+    # The HLO count (dots x loop trips) is near the analytic model FLOPs; XLA's own count sees
+    # each scanned layer once and falls short.
+    assert 0.8 < r["flops_per_device"] / r["model_flops_per_device"] < 1.5
+    assert r["xla_cost_flops_per_device"] < r["flops_per_device"]
+    assert r["unknown_trip_counts"] == 0
+    assert r["collectives"]["all-reduce"]["count"] >= 1 and r["ici_bytes_per_device"] > 0
+    assert r["roofline"] == {}  # no published roofline for simulated CPU devices
+
+
+def test_oversized_program_is_reported_as_not_fitting(reports, tmp_path):
+    """The same program as the FSDP report against a 4 MB budget, through the command line."""
+    _, r = reports["fsdp"]
+    budget_gib = 4e6 / 2 ** 30
+    assert r["peak_bytes_per_device"] > 4e6
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--topology", "cpu-8",
+         "--mesh", "fsdp=8", "--config.batch_size=8", "--config.seq_len=64", "--config.data.max_crops=1",
+         "--json", f"--hbm_gib={budget_gib}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    j = json.loads(out.stdout.strip().splitlines()[-1])
+    assert j["fits"] is False
+    assert j["hbm_bytes_per_device"] == pytest.approx(4e6)
+    assert j["peak_bytes_per_device"] == r["peak_bytes_per_device"]
+    for key in ("peak_bytes_per_device", "flops_per_device", "model_flops_per_device", "compile_seconds", "mesh"):
+        assert key in j
+
+
+def test_sweep_command_ranks_what_fits(reports):
+    """A one-point sweep (the FSDP report's program) through the command line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--topology", "cpu-8", "--sweep",
+         "--tensor=1,3", "--micro=1,4", "--remat=none", "--config.batch_size=8", "--config.seq_len=64",
+         "--config.data.max_crops=1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    # tensor 3 does not divide 8 devices and 4 examples per device need 32 > 8: one point is left
+    assert len(rows) == 1 and rows[0]["fits"] and rows[0]["mesh"]["fsdp"] == 8
+    assert rows[0]["peak_bytes_per_device"] == reports["fsdp"][1]["peak_bytes_per_device"]
+
+
+def test_bad_topology_and_mesh_are_clear_errors():
+    for name, words in (("v9-8", "unknown TPU"), ("v5p-7", "even"), ("v5e-512", "largest slice"),
+                        ("v5p-24", "power of two"), ("tpu", "expected NAME-N")):
+        with pytest.raises(ValueError, match=words):
+            aot.parse_topology(name)
+    out = subprocess.run([sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--topology",
+                          "cpu-8", "--mesh", "fsdp=3,tensor=2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "needs 6 devices, but 8 are available" in out.stderr
+
+
+def test_topology_names():
+    t = aot.parse_topology("v5p-128")
+    assert (t.chip.name, t.chips_per_slice, t.shape, t.num_slices) == ("v5p", 64, (4, 4, 4), 1)
+    assert aot.parse_topology("v5p-8").shape == (2, 2, 1)
+    assert aot.parse_topology("v5p-256").shape == (4, 4, 8)
+    assert aot.parse_topology("v4-16").shape == (2, 2, 2)
+    assert aot.parse_topology("v5e-256").shape == (16, 16)
+    assert aot.parse_topology("v5litepod-8").shape == (2, 4) and aot.parse_topology("v6e-16").shape == (4, 4)
+    multi = aot.parse_topology("2xv5p-256")
+    assert (multi.num_slices, multi.chips_per_slice, multi.n_devices) == (2, 128, 256)
+    assert aot.parse_topology("cpu-4").n_devices == 4 and not aot.parse_topology("cpu-4").is_tpu
+
+
+def test_hlo_flops_count_every_loop_trip():
+    def f(x, w):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+    compiled = jax.jit(f).lower(jnp.ones((16, 32)), jnp.ones((5, 32, 32))).compile()
+    stats = hlo_stats.analyse_hlo(compiled.as_text(), 1)
+    assert stats.flops == 5 * 2 * 16 * 32 * 32 and stats.unknown_trip_counts == 0
+
+
+def test_hlo_collectives_in_a_loop():
+    devices = jax.devices()[:4]
+    mesh = jax.sharding.Mesh(devices, ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+
+    def f(x):
+        body = lambda h, _: (jax.lax.psum(h, "d") * 0.5, None)  # noqa: E731
+        return jax.lax.scan(body, x, None, length=3)[0]
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    stats = hlo_stats.analyse_hlo(g.lower(jnp.ones((4, 256))).compile().as_text(), 4)
+    ar = stats.collectives["all-reduce"]
+    assert ar["count"] == 3 and ar["bytes"] == 3 * 256 * 4
+    assert ar["link_bytes"] == pytest.approx(3 * 256 * 4 * 2 * 3 / 4)  # ring: 2 (n-1)/n of the buffer
+
+
+def test_convolution_flops_count_only_real_kernel_taps():
+    """A TPU batched matmul written as a convolution whose padded window covers one real input."""
+    text = """HloModule m
+ENTRY %main (p0: bf16[13,577,1024,1], p1: bf16[1024,16,64,1]) -> bf16[13,577,16,64] {
+  %p0 = bf16[13,577,1024,1]{3,2,1,0} parameter(0)
+  %p1 = bf16[1024,16,64,1]{3,2,1,0} parameter(1)
+  ROOT %c = bf16[13,577,16,64]{3,2,1,0} convolution(%p0, %p1), window={size=1x16 pad=0_0x15_15 rhs_reversal=0x1}, dim_labels=0bf1_i1o0->0b1f
+}
+"""
+    assert hlo_stats.analyse_hlo(text, 1).flops == 2 * 13 * 577 * 16 * 64 * 1024
+
+
+def test_grouped_matmul_kernel_flops():
+    """TPU lowers lax.ragged_dot to a custom-call kernel: out [M, N] = lhs [M, K] x per-group [G, K, N]."""
+    text = """HloModule m
+ENTRY %main (a: bf16[18432,2048], b: bf16[64,2048,256], g: s32[65]) -> bf16[18432,256] {
+  %a = bf16[18432,2048]{1,0} parameter(0)
+  %b = bf16[64,2048,256]{2,1,0} parameter(1)
+  %g = s32[65]{0} parameter(2)
+  ROOT %ragged-dot-none = bf16[18432,256]{1,0} custom-call(%g, %a, %b), custom_call_target="tpu_custom_call"
+}
+"""
+    assert hlo_stats.analyse_hlo(text, 1).flops == 2 * 18432 * 2048 * 256
+
+
+def test_sweep_grid_and_ranking():
+    c = small_config()
+    grid = aot.sweep_grid(c, 8, tensors=(1, 2, 4), micro=(1, 2), remats=("full",))
+    seen = {(g.mesh.fsdp, g.mesh.tensor, g.grad_accum_steps) for g in grid}
+    # 8 examples: fsdp 8 x 1 example -> accum 1; fsdp 8 x 2 examples needs 16 (left out); fsdp 4 x 2 -> 1
+    assert seen == {(8, 1, 1), (4, 2, 2), (4, 2, 1), (2, 4, 4), (2, 4, 2)}
+    assert all(g.model.remat == "full" for g in grid) and c.model.remat == "none"  # copies
+    reports = [dict(fits=False, peak_bytes_per_device=1.0), dict(fits=True, roofline=dict(step_s=2.0)),
+               dict(fits=True, roofline=dict(step_s=1.0)), dict(fits=False, peak_bytes_per_device=None)]
+    ranked = aot.rank(reports)
+    assert ranked[:3] == [reports[2], reports[1], reports[0]]
+
+
+def test_roofline_takes_the_slowest_of_compute_memory_and_ici():
+    chip = aot.CHIPS["v5p"]
+    r = dict(flops_per_device=chip.peak_flops * 2.0, hbm_traffic_bytes_per_device=chip.hbm_bw * 1.0,
+             ici_bytes_per_device=chip.ici_bw * 3.0, model_flops_per_device=chip.peak_flops * 1.5)
+    roof = aot.roofline(r, chip)
+    assert roof["bound"] == "ici" and roof["step_s"] == pytest.approx(3.0)
+    assert roof["mfu"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    return pytest.importorskip("libtpu", reason="libtpu is not installed: TPU topologies cannot be compiled for")
+
+
+def test_tpu_slice_compile_and_out_of_memory(libtpu):
+    """A tiny step compiles for a v5e-8 slice; one with a huge batch hits the compiler's
+    RESOURCE_EXHAUSTED, which is reported, not raised."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: no TPU lock file needed
+    topo = aot.parse_topology("v5e-8")
+    devices = aot.topology_devices(topo)
+    assert len(devices) == 8 and devices[0].platform == "tpu"
+    r = aot.compile_report(small_config(), topo, dict(fsdp=8), devices=devices)
+    assert r["fits"] and r["device_kind"] == "TPU v5 lite" and r["roofline"]["step_s"] > 0
+    assert 0.8 < r["flops_per_device"] / r["model_flops_per_device"] < 1.5  # TPU dots are convolutions
+    big = small_config()
+    big.batch_size, big.seq_len = 1024, 2048
+    r = aot.compile_report(big, topo, dict(fsdp=8), devices=devices)
+    assert not r["fits"] and "RESOURCE_EXHAUSTED" in r["oom_message"]
+    assert r["compiler_hbm_bytes"] == pytest.approx(aot.CHIPS["v5e"].hbm_bytes, rel=0.01)
+    assert r["peak_bytes_per_device"] > aot.CHIPS["v5e"].hbm_bytes
