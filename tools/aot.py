@@ -211,24 +211,24 @@ class CachedCompiler:
 
 def tensor_choices(config, n_devices: int) -> list:
     """Tensor-parallel sizes that split heads, MLP and vocabulary evenly, largest first (a larger
-    one shrinks the per-device share of the loss logits, see docs/scaling.md)."""
+    one shrinks the per-device share of weights, attention and logits inside a micro-batch)."""
     llm = config.model.llm
     return [t for t in (16, 8, 4, 2, 1) if t <= n_devices and not (llm.n_heads % t or llm.mlp_dim % t
                                                                      or llm.embedding_size % t)]
 
 
-def lean_variant(config, n_devices: int, aot):
+def lean_variant(config, n_devices: int, aot, remat: str = "full"):
     """The variant that needs least memory per chip: the largest even tensor split, FSDP over the
     rest, one example per device per micro-batch, full remat (None if the batch does not split)."""
     tensor = tensor_choices(config, n_devices)[0]
-    return aot.variant(config, dict(fsdp=n_devices // tensor, tensor=tensor), 1, "full")
+    return aot.variant(config, dict(fsdp=n_devices // tensor, tensor=tensor), 1, remat)
 
 
 def smallest_fit(config, family: str, run, log) -> tuple:
     """Walk up the slice sizes: skip a slice whose exact share of the training state exceeds HBM,
     else compile the leanest variant (largest even tensor split, one example per device per
-    micro-batch, full remat). Returns (the first report that fits or None, every report made).
-    One compile per slice: a TPU compile of these models takes minutes on a 2-core host."""
+    micro-batch, full remat). On the first slice where it fits, also compile plain FSDP and `dots`
+    remat and keep the fastest that fits. Returns (that report or None, every report made)."""
     aot = run.aot
     tried = []
     for name in TABLE_SLICES[family]:
@@ -252,7 +252,14 @@ def smallest_fit(config, family: str, run, log) -> tuple:
         log(f"  {name} {mesh_text(report['mesh'])}: {'fits' if report['fits'] else 'does not fit'} "
             f"(compiled in {report['compile_seconds']:.0f} s) {why}")
         if report["fits"]:
-            return report, tried
+            others = [lean_variant(config, topo.n_devices, aot, remat="dots")]
+            if lean.mesh.tensor > 1:
+                others.append(aot.variant(config, dict(fsdp=topo.n_devices), 1, "full"))
+            for c in filter(None, others):
+                tried.append(run(c, name))
+                log(f"  {name} {mesh_text(tried[-1]['mesh'])} remat {c.model.remat}: "
+                    f"{'fits' if tried[-1]['fits'] else 'does not fit'}")
+            return aot.rank([r for r in tried if r["topology"] == name])[0], tried
     return None, tried
 
 
