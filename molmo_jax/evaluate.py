@@ -2,7 +2,9 @@
 
 Examples are single-conversation inference examples whose `metadata` carries the ground truth in
 the same fields `python -m tools.eval score` reads (`task`, and `points`/`image_width`/
-`image_height`, `count` or `answers`), e.g. from `input_pipeline.evaluation.make_eval_examples`.
+`image_height`, `count`, or `answers` (+ `options` for mc)), e.g. from
+`input_pipeline.evaluation.make_eval_examples`. Scores per task are the same numbers `tools.eval score`
+computes from the predictions file written from `run`'s rows.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from molmo_jax import generate, metrics
 from molmo_jax.preprocess import Collator, Preprocessor
 
 # New tokens per task (spec 14.3: 192 for pointing and counting, 12 for short answers).
-MAX_NEW_TOKENS = {"pointing": 192, "counting": 192, "vqa": 12, "clock": 12}
+MAX_NEW_TOKENS = {"pointing": 192, "counting": 192, "vqa": 12, "vqa_plain": 12, "anls": 12, "relaxed": 12,
+                  "mc": 12, "clock": 12}
 
 
 @dataclasses.dataclass
@@ -26,6 +29,8 @@ class EvalSettings:
                                              # (None: the masks when given, else 5% of the diagonal)
     seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
     max_crops: int | None = None             # e.g. 36 for the high-res setting
+    mesh: object = None                      # a jax Mesh: batches split over its batch axes (the
+                                             # model's parameters already placed on it)
 
 
 def score_one(task: str, prediction: str, meta: dict, settings: EvalSettings) -> dict:
@@ -39,10 +44,17 @@ def score_one(task: str, prediction: str, meta: dict, settings: EvalSettings) ->
                                        distance_threshold=threshold)
     if task == "counting":
         return metrics.count_scores(prediction, int(meta["count"]))
-    answer = metrics.postprocess_answer(prediction)
+    answer, answers = metrics.postprocess_answer(prediction), meta["answers"]
     if task == "clock":
-        return {"accuracy": max(metrics.clock_accuracy(answer, a) for a in meta["answers"])}
-    return {"accuracy": metrics.vqa_accuracy(answer, meta["answers"])}
+        return {"accuracy": max(metrics.clock_accuracy(answer, a) for a in answers)}
+    if task == "anls":
+        return {"anls": metrics.anls(answer, answers), "exact_match": metrics.exact_match(answer, answers)}
+    if task == "relaxed":
+        return {"accuracy": metrics.relaxed_accuracy(answer, answers),
+                "exact_match": metrics.exact_match(answer, answers)}
+    if task == "mc":
+        return {"accuracy": metrics.multiple_choice_accuracy(answer, answers, meta.get("options"))}
+    return {"accuracy": metrics.vqa_accuracy(answer, answers, normalize=task != "vqa_plain")}
 
 
 def aggregate(task: str, scores: list[dict], predictions: list[str], metas: list[dict]) -> dict:
@@ -52,7 +64,7 @@ def aggregate(task: str, scores: list[dict], predictions: list[str], metas: list
         return metrics.pointing_metrics(scores)
     if task == "counting":
         return dict(metrics.counting_metrics(predictions, [int(m["count"]) for m in metas]), n=len(scores))
-    return {"accuracy": float(np.mean([s["accuracy"] for s in scores])), "n": len(scores)}
+    return {**{key: float(np.mean([s[key] for s in scores])) for key in scores[0]}, "n": len(scores)}
 
 
 def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = EvalSettings(),
@@ -62,7 +74,7 @@ def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = Eva
     pre = Preprocessor(cfg, tokenizer, max_crops=settings.max_crops)
     crops = 1 + (settings.max_crops or cfg.image.max_crops)
     collate = Collator(seq_buckets=settings.seq_buckets, crop_buckets=(crops,))
-    gen = generate.Generator(model, tokenizer.eos_id)
+    gen = generate.Generator(model, tokenizer.eos_id, mesh=settings.mesh)
     by_task: dict[str, list[dict]] = {}
     for ex in examples:
         by_task.setdefault(ex["metadata"]["task"], []).append(ex)
@@ -113,3 +125,37 @@ def mean_loss(model, batches) -> float:
         s, w = losses(state, {k: b[k] for k in keys if k in b})
         total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded evaluation
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=-1,tensor=2' -> {"data": 1, "fsdp": -1, "tensor": 2} (axes of molmo_jax.sharding;
+    one may be -1: the rest of the devices). ValueError naming the bad part."""
+    from molmo_jax.sharding import MESH_AXES
+
+    spec: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        axis, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or axis not in MESH_AXES or not value.lstrip("-").isdigit() or int(value) == 0 or int(value) < -1:
+            raise ValueError(f"expected AXIS=N with AXIS one of {', '.join(MESH_AXES)} and N >= 1 or -1, "
+                             f"got {item!r}")
+        if axis in spec:
+            raise ValueError(f"axis {axis!r} given twice")
+        spec[axis] = int(value)
+    if not spec:
+        raise ValueError(f"no axis given in {text!r}")
+    return spec
+
+
+def load_sharded(checkpoint_path, mesh):
+    """(cfg, model) with every parameter read straight into its sharding on `mesh` (fsdp/tensor
+    rules of molmo_jax.sharding), as training places them."""
+    from flax import nnx
+
+    from molmo_jax import checkpoint, sharding
+    from molmo_jax.model import abstract_model
+
+    abstract = nnx.state(abstract_model(checkpoint.load_config(checkpoint_path)), nnx.Param)
+    return checkpoint.load_any(checkpoint_path, shardings=sharding.param_shardings(abstract, mesh))

@@ -5,7 +5,8 @@
 scores predictions made anywhere (this project, the original, vLLM). Each line of FILE.jsonl is a
 JSON object with `prediction` (the generated text) and the ground truth of the task:
 
-    vqa, anls, relaxed, clock   "answers": [str, ...]
+    vqa, vqa_plain, anls,       "answers": [str, ...] (vqa_plain: A-OKVQA direct answer, lower-cased
+    relaxed, clock              strings without the VQA normalisation)
     mc                          "answers": [str | int, ...] (option text, letter or 0-based index),
                                 optional "options": [str, ...]; without options: exact match
     counting                    "count": int
@@ -15,8 +16,14 @@ JSON object with `prediction` (the generated text) and the ground truth of the t
 It prints a table, or with --json one JSON object (keys `accuracy`, `anls`, `precision`/`recall`/
 `f1`, ... and `n`). Bad input exits with status 2 and a one-line error naming the file and line.
 
-Commands are argparse subcommands dispatched through `func`; a generation mode (running a
-checkpoint over a dataset) can be added as another subcommand or as top-level options.
+    python -m tools.eval --checkpoint PATH --dataset NAME[:split] [--mesh data=1,fsdp=-1] [--out DIR]
+
+runs a checkpoint over a dataset with batched greedy decoding and writes DIR/predictions.jsonl (one row
+per question: the prediction and its ground truth, in the fields above, so `score` can re-score it) and
+DIR/metrics.json. NAME: a synthetic task (built on the fly), a dataset built with `tools.build_data`
+(PixMo points/count/docs/clocks, the academic VQA-style sets, `vqa:<name>`); the metric follows the
+dataset (spec 15.3, table in input_pipeline/evaluation.py), --metric overrides it. --mesh loads the
+parameters sharded over a device mesh (molmo_jax.sharding) and splits each batch over its batch axes.
 """
 from __future__ import annotations
 
@@ -122,6 +129,11 @@ def score_vqa(rows, args):
         accuracy=vqa_accuracy(pred, _answers(row, where))))
 
 
+def score_vqa_plain(rows, args):
+    return _mean_score(rows, args, lambda row, where, pred: dict(
+        accuracy=vqa_accuracy(pred, _answers(row, where), normalize=False)))
+
+
 def score_anls(rows, args):
     def one(row, where, pred):
         answers = _answers(row, where)
@@ -176,8 +188,8 @@ def score_pointing(rows, args):
     return pointing_metrics(scores)
 
 
-TASKS = {"pointing": score_pointing, "counting": score_counting, "vqa": score_vqa, "anls": score_anls,
-         "relaxed": score_relaxed, "mc": score_mc, "clock": score_clock}
+TASKS = {"pointing": score_pointing, "counting": score_counting, "vqa": score_vqa, "vqa_plain": score_vqa_plain,
+         "anls": score_anls, "relaxed": score_relaxed, "mc": score_mc, "clock": score_clock}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,22 +242,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(args):
+    """(cfg, model, mesh or None) of --checkpoint, sharded over --mesh when given."""
+    from molmo_jax import checkpoint, evaluate
+    from molmo_jax.torch_format import WeightsError
+
+    mesh = None
+    if args.mesh:
+        from molmo_jax import sharding
+        try:
+            mesh = sharding.make_mesh(evaluate.parse_mesh(args.mesh))
+        except ValueError as e:
+            raise InputError(f"--mesh {args.mesh}: {e}") from None
+    try:
+        cfg, model = evaluate.load_sharded(args.checkpoint, mesh) if mesh else checkpoint.load_any(args.checkpoint)
+    except (WeightsError, FileNotFoundError, ValueError) as e:
+        raise InputError(f"--checkpoint {args.checkpoint}: {e}") from None
+    return cfg, model, mesh
+
+
+def _examples(args) -> list[dict]:
+    import collections
+
+    from input_pipeline.evaluation import EvalDataError, make_eval_examples
+
+    name, _, split = args.dataset.partition(":")
+    sizes = options = None
+    try:
+        if args.split_sizes:
+            from input_pipeline.builders.base import parse_split_sizes
+            sizes = parse_split_sizes(args.split_sizes, ("train", "validation", "test"))
+        if args.synthetic_options:
+            from input_pipeline.synthetic import parse_options
+            options = parse_options(args.synthetic_options)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    skipped: collections.Counter = collections.Counter()
+    try:
+        examples = list(make_eval_examples(name, split or None, args.data_dir, limit=args.max_examples,
+                                           split_sizes=sizes, options=options, metric=args.metric, skipped=skipped))
+    except EvalDataError as e:
+        raise InputError(f"--dataset {args.dataset}: {e}") from None
+    for reason, n in sorted(skipped.items()):
+        print(f"skipped {n}: {reason}", file=sys.stderr)
+    if not examples:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        raise InputError(f"--dataset {args.dataset}: no question to evaluate" + (f" (skipped: {why})" if why else ""))
+    return examples
+
+
 def run_checkpoint(args) -> int:
     """Generate over a dataset with a checkpoint and score: predictions.jsonl, metrics.json, images."""
     import os
 
-    from input_pipeline.evaluation import TASKS as DATASETS, make_eval_examples
-    from molmo_jax import checkpoint, evaluate
+    from molmo_jax import evaluate
     from molmo_jax.preprocess import MolmoTokenizer
-    from molmo_jax.torch_format import WeightsError
 
-    name, _, split = args.dataset.partition(":")
-    if name not in DATASETS:
-        raise InputError(f"--dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    try:
-        cfg, model = checkpoint.load_any(args.checkpoint)
-    except (WeightsError, FileNotFoundError, ValueError) as e:
-        raise InputError(f"--checkpoint {args.checkpoint}: {e}") from None
+    examples = _examples(args)  # dataset errors first: they are cheaper to find than loading a model
+    cfg, model, mesh = _load(args)
+    if mesh is not None:
+        split_ways = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+        if args.batch_size % split_ways:  # sharding.spec_for then replicates the batch: correct, slower
+            print(f"note: --batch-size {args.batch_size} is not a multiple of the mesh's {split_ways} batch "
+                  "shards; every batch is replicated instead of split", file=sys.stderr)
     tok_dir = args.tokenizer or next((d for d in (os.path.join(args.checkpoint, "tokenizer"),)
                                       if os.path.isdir(d)), None)
     if tok_dir is None and cfg.get("name") in ("tiny", "demo", "bench_s"):
@@ -254,17 +313,8 @@ def run_checkpoint(args) -> int:
     if tok_dir is None:
         raise InputError("no tokenizer: the checkpoint has no tokenizer/ folder; pass --tokenizer DIR")
     tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)
-    sizes = options = None
-    if args.split_sizes:
-        from input_pipeline.builders.base import parse_split_sizes
-        sizes = parse_split_sizes(args.split_sizes, ("train", "validation", "test"))
-    if args.synthetic_options:
-        from input_pipeline.synthetic import parse_options
-        options = parse_options(args.synthetic_options)
-    examples = list(make_eval_examples(name, split or "test", args.data_dir, limit=args.max_examples,
-                                       split_sizes=sizes, options=options))
     settings = evaluate.EvalSettings(batch_size=args.batch_size, max_crops=36 if args.high_res else None,
-                                     distance_fraction=args.distance_fraction)
+                                     distance_fraction=args.distance_fraction, mesh=mesh)
     rows, results = evaluate.run(model, tokenizer, examples, settings)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
@@ -291,7 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--checkpoint", help="generation mode: a checkpoint (molmo_jax, training workdir, "
                                              "or PyTorch directory)")
-    parser.add_argument("--dataset", default="synthetic_pointing", help="NAME[:split], e.g. synthetic_counting:test")
+    parser.add_argument("--dataset", default="synthetic_pointing",
+                        help="NAME[:split], e.g. synthetic_counting:test, text_vqa:validation, pixmo_count_counting "
+                             "(default split: test, else validation)")
+    parser.add_argument("--metric", default=None, choices=sorted(TASKS),
+                        help="score a built dataset with this task instead of its own (spec 15.3)")
+    parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                        help="shard the parameters and batches over a device mesh, e.g. data=1,fsdp=-1,tensor=2 "
+                             "(default: one device)")
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--high-res", action="store_true", help="36 crops per image (the high-res setting)")
     parser.add_argument("--tokenizer", default=None)
