@@ -298,6 +298,9 @@ def _range(reports: list, key: str) -> str:
 REFERENCE_POINTS = (("molmo_72b", "sft", "v5p-512"), ("molmo_7b_d", "sft", "v5e-256"))  # named in the issue
 
 
+PENDING = "pending"  # a table cell not searched yet (an interrupted --table run writes what it has)
+
+
 def generated_section(results: list, references: list, aot) -> str:
     """results: (title, stage, family, config, best report or None, reports made) per search;
     references: reports of the lean variant at REFERENCE_POINTS."""
@@ -314,9 +317,12 @@ def generated_section(results: list, references: list, aot) -> str:
     lines += ["", "### Smallest slices at the original batch size and sequence length", "",
               f"| model | stage | batch x seq | smallest {columns} |", "|---" * 11 + "|"]
     for title, stage, family, config, best, _ in results:
-        cells = _row(best) if best else f"no {family} slice tried fits | | | | | | |"
+        if best == PENDING:
+            cells = f"not searched yet ({family}; re-run `tools.aot --table`: finished compiles are cached) | | | | | | |"
+        else:
+            cells = _row(best) if best else f"no {family} slice tried fits | | | | | | |"
         lines.append(f"| {title} | {stage} | {config.batch_size} x {config.seq_len} | {cells} |")
-    found = {(title, stage, family): best for title, stage, family, _, best, _ in results}
+    found = {(title, stage, family): (None if best == PENDING else best) for title, stage, family, _, best, _ in results}
     lines += ["", "### The two requirements", ""]
     for title, family, limit in (("Molmo-72B", "v5p", "v5p-512"), ("Molmo-7B-D", "v5e", "v5e-256")):
         lines.append(f"- {title} stage 2 on {limit} or smaller: {_within(found.get((title, 'sft', family)), limit, aot)}")
@@ -351,21 +357,31 @@ def write_table(out_path: str, cache_dir: str | None):
              for family in TABLE_SLICES]
     # The two required rows first, so that an interrupted run has them (results are cached).
     first = [("Molmo-72B", "sft", "v5p"), ("Molmo-7B-D", "sft", "v5e")]
-    results = {}
-    for key, title, stage, family in sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2):
-        config = importlib.import_module(f"configs.{key}_{stage}").get_config()
-        log(f"{title} {stage} on {family}:")
-        results[key, stage, family] = (title, stage, family, config) + smallest_fit(config, family, run, log)
+    configs = {(key, stage): importlib.import_module(f"configs.{key}_{stage}").get_config()
+               for key, _, stage, _ in cells}
+    results = {(key, stage, family): (title, stage, family, configs[key, stage], PENDING, [])
+               for key, title, stage, family in cells}
     references = []
+
+    def write():  # after every search: a run stopped part-way still leaves a correct, partial table
+        section = generated_section([results[c[0], c[2], c[3]] for c in cells], references, run.aot)
+        head, rest = read_doc().split(BEGIN, 1)  # read again: the prose may have been edited meanwhile
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(head + section + rest.split(END, 1)[1])
+        os.replace(tmp, out_path)
+        log(f"wrote {out_path}")
+
+    for key, title, stage, family in sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2):
+        log(f"{title} {stage} on {family}:")
+        results[key, stage, family] = (title, stage, family, configs[key, stage]) + smallest_fit(
+            configs[key, stage], family, run, log)
+        write()
     for key, stage, name in REFERENCE_POINTS:
-        config = importlib.import_module(f"configs.{key}_{stage}").get_config()
         log(f"{key} {stage} on {name} (reference point)")
-        references.append(run(lean_variant(config, run.aot.parse_topology(name).n_devices, run.aot), name))
-    section = generated_section([results[c[0], c[2], c[3]] for c in cells], references, run.aot)
-    head, rest = read_doc().split(BEGIN, 1)  # read again: the prose may have been edited meanwhile
-    with open(out_path, "w") as f:
-        f.write(head + section + rest.split(END, 1)[1])
-    log(f"wrote {out_path}")
+        references.append(run(lean_variant(configs[key, stage], run.aot.parse_topology(name).n_devices, run.aot),
+                              name))
+    write()
 
 
 def main(argv):
