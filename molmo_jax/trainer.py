@@ -237,8 +237,19 @@ class Trainer:
         for k in BATCH_KEYS:
             if k in batch and batch[k] is not None:
                 x = np.asarray(batch[k])
-                sh = sharding.batch_sharding(self.mesh, x.ndim, x.shape[0] * jax.process_count())
-                out[k] = jax.make_array_from_process_local_data(sh, x)
+                shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+                sh = sharding.batch_sharding(self.mesh, x.ndim, shape[0])
+                # The global shape is explicit: without it, a batch the mesh leaves replicated across
+                # processes (batch not divisible by data*fsdp*expert, or tensor axes spanning hosts)
+                # would silently become each process's own rows instead of one global batch.
+                try:
+                    out[k] = jax.make_array_from_process_local_data(sh, x, shape)
+                except ValueError as e:
+                    raise ValueError(
+                        f"batch {k} {shape}: with {jax.process_count()} processes each must hold its own "
+                        f"1/{jax.process_count()} of the batch, but mesh {dict(self.mesh.shape)} splits "
+                        f"it as {sh.spec[0]}: make batch_size divisible by data*fsdp*expert and keep the "
+                        f"tensor axis within a host ({e})") from e
         return out
 
     def model(self):

@@ -1,7 +1,10 @@
 """Train Molmo: `python -m tools.train --config configs/X.py --workdir DIR [--config.key=value ...]`.
 
-Restarting the same command resumes from the last complete checkpoint in DIR. On several hosts,
-run it on every host (jax.distributed is initialised from the environment, e.g. on Cloud TPU).
+Restarting the same command resumes from the last complete checkpoint in DIR. On several hosts, run
+the same command on every host: `jax.distributed` is initialised when the environment is a
+multi-process one (see `multiprocess_environment`), e.g. every worker of a Cloud TPU pod slice; a
+single host, a laptop or a one-task job stays a plain single-process run. Elsewhere give
+--coordinator_address (or $JAX_COORDINATOR_ADDRESS), --num_processes and --process_id.
 """
 import os
 import sys
@@ -11,10 +14,151 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/<model>_<stage>.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() "
-                                 "(default: when JAX_COORDINATOR_ADDRESS or a TPU pod environment is set)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "call jax.distributed.initialize() (default: when the environment is a multi-process "
+    "one: $JAX_COORDINATOR_ADDRESS, multislice TPU, or Open MPI / SLURM / Cloud TPU / indexed Kubernetes Job "
+    "with more than one process); --nodistributed: never")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                                   "(default: $JAX_COORDINATOR_ADDRESS, else read from the cluster environment)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (default: from the cluster "
+                                      "environment)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's id, 0..num_processes-1 (default: from "
+                                   "the cluster environment)")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for every process to "
+                                            "join jax.distributed")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class DistributedError(RuntimeError):
+    """jax.distributed could not be set up; the message is one line meant for the user."""
+
+
+# The cluster environments jax.distributed.initialize() bootstraps from (jax/_src/clusters), in the
+# order it tries them: it uses the first one present, so only that one decides the process count
+# here too. mpi4py is left out because jax only uses it when asked by name.
+_CLUSTERS = (("OmpiCluster", "Open MPI"), ("SlurmCluster", "SLURM"), ("GkeTpuCluster", "TPU on GKE"),
+             ("GceTpuCluster", "Cloud TPU VM"), ("K8sCluster", "Kubernetes indexed Job"))
+
+
+def multiprocess_environment():
+    """Why this run should start jax.distributed ("SLURM, 4 processes", ...), or None for one process.
+
+    Explicit settings win: a coordinator address (--coordinator_address or $JAX_COORDINATOR_ADDRESS,
+    which jax reads) or a multislice TPU ($MEGASCALE_COORDINATOR_ADDRESS). Otherwise jax's own cluster
+    detection is asked, with jax's classes (so the rules are exactly the ones initialize() will use),
+    and a cluster counts only with more than one process: `srun -n1`, `mpirun -np 1` or a single-host
+    TPU VM train alone. On a Cloud TPU VM this reads the metadata server (agent-worker-number and
+    worker-network-endpoints: one endpoint per host of the slice), as jax does.
+    """
+    env = os.environ
+    if _COORDINATOR.value:
+        return "--coordinator_address"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "$JAX_COORDINATOR_ADDRESS"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "multislice TPU (MEGASCALE_COORDINATOR_ADDRESS)"
+    try:
+        from jax._src import clusters  # private, so every use below tolerates its absence
+    except ImportError:
+        return None
+    for class_name, label in _CLUSTERS:
+        cluster = getattr(clusters, class_name, None)
+        if cluster is None:
+            continue
+        if class_name == "K8sCluster" and "JOB_COMPLETION_INDEX" not in env:
+            # jax's Kubernetes check talks to the API server (and warns without the `kubernetes`
+            # package) in every pod, but only indexed Jobs have process ids to bootstrap from.
+            continue
+        try:
+            if not cluster.is_env_present():
+                continue
+            count = int(cluster.get_process_count())
+        except Exception as e:  # noqa: BLE001 - e.g. an unreachable TPU metadata server
+            raise DistributedError(f"{label}: could not read the number of processes ({_one_line(e)}); "
+                                   f"pass --distributed or --nodistributed") from e
+        return f"{label}, {count} processes" if count > 1 else None
+    return None
+
+
+def distributed_reason(flag: bool | None):
+    """Why to start jax.distributed (--distributed or the environment), or None: --nodistributed skips
+    the detection altogether (so it also gets past an unreachable TPU metadata server)."""
+    if flag is False:
+        return None
+    return multiprocess_environment() or ("--distributed" if flag else None)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def start_distributed(reason: str) -> None:
+    """jax.distributed.initialize() with the flags given (the rest from the environment); any failure
+    becomes one DistributedError line instead of jax's traceback."""
+    import threading
+
+    import jax
+
+    timeout = _DISTRIBUTED_TIMEOUT.value
+    address = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS") or "from the environment"
+    joined = threading.Event()
+
+    def watchdog():
+        # Processes that never join (process 0 not started, a wrong address or process count) are
+        # not a Python exception in jax: its coordination client aborts the process with a C++
+        # stack trace when its own deadline passes. So this thread stops the process first, with
+        # one line (jax's deadline is set later than ours; connect() releases the GIL meanwhile).
+        if not joined.wait(timeout):
+            who = f"coordinator {address}"
+            try:  # what jax resolved (from the flags or the cluster), when it got that far
+                from jax._src.distributed import global_state as state
+                if state.coordinator_address:
+                    who = (f"process {state.process_id} of {state.num_processes}, "
+                           f"coordinator {state.coordinator_address}")
+            except Exception:  # noqa: BLE001 - private module; the message must come out regardless
+                pass
+            print(f"error: jax.distributed.initialize(): not every process joined within {timeout} s ({who}; "
+                  f"{reason}): start all of them with the same coordinator address and process count, or raise "
+                  f"--distributed_timeout", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value, initialization_timeout=timeout + 60)
+    except Exception as e:  # noqa: BLE001 - jax raises ValueError, RuntimeError, JaxRuntimeError, ...
+        hint = ""
+        if isinstance(e, ValueError) and "defined" in str(e):
+            hint = ("; outside Open MPI, SLURM, Cloud TPU or an indexed Kubernetes Job give --coordinator_address "
+                    "(or $JAX_COORDINATOR_ADDRESS), --num_processes and --process_id")
+        raise DistributedError(f"jax.distributed.initialize() failed ({reason}; coordinator {address}): "
+                               f"{_one_line(e)}{hint}") from e
+    finally:
+        joined.set()
+
+
+class _CountingIterator:
+    """Passes batches through and counts the examples this process loaded (printed at the end)."""
+
+    def __init__(self, data):
+        self.data, self.batches, self.examples = data, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.data)
+        self.batches += 1
+        self.examples += len(batch["input_ids"])
+        return batch
+
+    def get_state(self):
+        return self.data.get_state()
+
+    def set_state(self, state):
+        self.data.set_state(state)
 
 
 def make_evaluator(config):
@@ -55,11 +199,13 @@ def main(argv):
     del argv
     import jax
 
-    distributed = _DISTRIBUTED.value
-    if distributed is None:
-        distributed = bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-    if distributed:
-        jax.distributed.initialize()
+    try:
+        reason = distributed_reason(_DISTRIBUTED.value)
+        if reason is not None:
+            start_distributed(reason)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
 
@@ -67,17 +213,23 @@ def main(argv):
     from molmo_jax import trainer as trainer_lib
 
     config = _CONFIG.value
+    index, count = jax.process_index(), jax.process_count()
     trainer = trainer_lib.Trainer(config, _WORKDIR.value)
     if not trainer.restore_latest() and config.init_from:
         trainer.load_params(trainer_lib.model_params_from_checkpoint(config.init_from))
         print(f"initialised from {config.init_from}")
-    data = input_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
+    data = _CountingIterator(input_pipeline.make_train_iterator(config, index, count))
+    start = trainer.step
     try:
         step = trainer.fit(data, progress=_PROGRESS.value, evaluator=make_evaluator(config))
     except trainer_lib.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if jax.process_index() == 0:
+    if count > 1:  # every host says what it loaded: its share of each global batch, never all of it
+        print(f"process {index} of {count} ({jax.local_device_count()} of {jax.device_count()} devices): "
+              f"loaded {data.examples} examples for steps {start + 1}-{step} "
+              f"({data.examples // max(data.batches, 1)} of every {config.batch_size})")
+    if index == 0:
         print(f"trained to step {step}; checkpoints in {os.path.join(_WORKDIR.value, 'checkpoints')}, "
               f"metrics in {os.path.join(_WORKDIR.value, 'metrics.jsonl')}")
     return 0
