@@ -28,12 +28,19 @@ def demo_data(c):
     return c
 
 
+def vision_lr(c, llm_lr=2e-3, vision_lr=2e-4, warmup=30):
+    """The LLM learns fast; the ViT and connector get 10x less. At the LLM's rate their weights grow
+    until the image features dwarf the text embeddings (the LLM's RMSNorm hides the growth from the
+    loss), their gradients vanish and the model stops looking at the image."""
+    for group, lr in (("connector", vision_lr), ("vit", vision_lr), ("llm", llm_lr)):
+        c.optimizer.groups[group].update(lr=lr, warmup=warmup)
+
+
 def get_config():
     c = demo_data(base.pretrain(demo_model()))
     c.seq_len = 256              # caption + transcript of a 112-px scene: ~200 tokens
-    c.total_steps = 100          # captions are learnt fast; stage 2 gets the time
-    c.checkpoint_every = 100
-    for group in ("connector", "vit", "llm"):
-        c.optimizer.groups[group].update(lr=2e-3, warmup=30)
+    c.total_steps = 400          # where the model learns to look: colours, shapes, coarse positions
+    c.checkpoint_every = 400
+    vision_lr(c)
     c.optimizer.frozen = ""      # a from-scratch embedding must learn too
     return c

@@ -24,7 +24,8 @@ DEFAULT_INIT_STD = 0.02
 # How matmul kernels are initialised while a model is being built (set by `init_mode`):
 # "normal" = N(0, 0.02) everywhere (the original's init, right on top of pretrained weights);
 # "fan_in" = N(0, 1/fan_in), which keeps activations O(1) through many layers when training from
-# scratch (the demo).
+# scratch (the demo); embedding tables (tokens, ViT positions and class) are then N(0, 1), so that a
+# token's identity, a patch's position and the image features all enter at the same O(1) scale.
 _init_mode = contextvars.ContextVar("init_mode", default="normal")
 
 
@@ -41,6 +42,25 @@ def init_mode(mode: str):
 
 def kernel_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(fan_in) if _init_mode.get() == "fan_in" else DEFAULT_INIT_STD
+
+
+def residual_out_std(fan_in: int, n_layers: int) -> float:
+    """Init std of the matmul closing a residual branch (attention output, MLP down projection).
+    "fan_in" mode scales it by 1 / (2 n_layers), so that at init every block is close to the
+    identity: with plain fan-in init each random ViT block adds an O(1) term that is nearly the same
+    for every token (random attention averages the tokens), and after a few blocks a patch's own
+    content and position are a small part of its features. A from-scratch model then takes far
+    longer to learn where things are (docs/benchmarks.md, demo). "normal" mode keeps 0.02."""
+    std = kernel_std(fan_in)
+    return std / (2 * n_layers) if _init_mode.get() == "fan_in" else std
+
+
+def embedding_std() -> float:
+    """Init std of lookup tables: O(1) entries in "fan_in" mode (an embedding row has fan-in 1).
+    With 0.02 the token embeddings were 100x smaller than the image features added to them and the
+    ViT's position embedding 2% of a patch's features: a from-scratch model then never learnt where
+    anything is in the image (docs/benchmarks.md, demo)."""
+    return 1.0 if _init_mode.get() == "fan_in" else DEFAULT_INIT_STD
 
 
 def dtype_of(name) -> jnp.dtype:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax.sharding import constrain
-from molmo_jax.layers import Dense, RMSNorm, attend, kernel_std, param, rope, scan_layers
+from molmo_jax.layers import Dense, RMSNorm, attend, embedding_std, kernel_std, param, rope, scan_layers
 
 
 class Attention(nnx.Module):
@@ -138,8 +138,9 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         dtype, pdt = cfg.dtype, cfg.param_dtype
         self.dtype = jnp.dtype(dtype)
-        self.embedding = param(rngs, (l.embedding_size, l.d_model), ("vocab", "embed"), pdt)
-        self.new_embedding = (param(rngs, (l.additional_vocab_size, l.d_model), (None, "embed"), pdt)
+        self.embedding = param(rngs, (l.embedding_size, l.d_model), ("vocab", "embed"), pdt, std=embedding_std())
+        self.new_embedding = (param(rngs, (l.additional_vocab_size, l.d_model), (None, "embed"), pdt,
+                                    std=embedding_std())
                               if l.additional_vocab_size else None)
         self.blocks = Block(l, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=l.n_layers)
         self.ln_f = RMSNorm(l.d_model, l.norm_eps, param_dtype=pdt)

@@ -13,7 +13,8 @@ from flax import nnx
 
 from molmo_jax import config as config_lib
 from molmo_jax.sharding import constrain
-from molmo_jax.layers import ACTIVATIONS, Dense, LayerNorm, attend, param, scan_layers
+from molmo_jax.layers import (ACTIVATIONS, Dense, LayerNorm, attend, embedding_std, param, residual_out_std,
+                               scan_layers)
 
 
 class ViTBlock(nnx.Module):
@@ -24,10 +25,11 @@ class ViTBlock(nnx.Module):
         self.wq = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
         self.wk = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
         self.wv = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
-        self.wo = Dense((h, hd), d, ("vit_heads", "head_dim"), ("vit_embed",), **kw)
+        self.wo = Dense((h, hd), d, ("vit_heads", "head_dim"), ("vit_embed",),
+                        std=residual_out_std(h * hd, vcfg.n_layers), **kw)
         self.ffn_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
         self.w1 = Dense(d, m, ("vit_embed",), ("vit_mlp",), **kw)
-        self.w2 = Dense(m, d, ("vit_mlp",), ("vit_embed",), **kw)
+        self.w2 = Dense(m, d, ("vit_mlp",), ("vit_embed",), std=residual_out_std(m, vcfg.n_layers), **kw)
         self.act = ACTIVATIONS[vcfg.activation]
 
     def __call__(self, x):
@@ -45,8 +47,9 @@ class VisionTransformer(nnx.Module):
         patch_dim = v.patch_size * v.patch_size * 3
         self.patch_embedding = Dense(patch_dim, v.width, ("patch",), ("vit_embed",), dtype=dtype,
                                      param_dtype=pdt, rngs=rngs)
-        self.class_embedding = param(rngs, (v.width,), ("vit_embed",), pdt)
-        self.positional_embedding = param(rngs, (1 + ph * pw, v.width), ("vit_pos", "vit_embed"), pdt)
+        self.class_embedding = param(rngs, (v.width,), ("vit_embed",), pdt, std=embedding_std())
+        self.positional_embedding = param(rngs, (1 + ph * pw, v.width), ("vit_pos", "vit_embed"), pdt,
+                                          std=embedding_std())
         self.pre_ln = LayerNorm(v.width, v.norm_eps, param_dtype=pdt)
         self.blocks = ViTBlock(v, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=v.n_layers)
         self.dtype = jnp.dtype(dtype)
