@@ -3,7 +3,7 @@
   python -m tools.aot --config configs/molmo_72b_sft.py --topology v5p-512 [--mesh fsdp=-1,tensor=8]
       [--config.key=value ...] [--json] [--inference] [--hbm_gib G]
   python -m tools.aot --config configs/X.py --topology v5e-256 --sweep [--tensor 1,4,8 --micro 1,2 --remat full,dots]
-  python -m tools.aot --table            # regenerate docs/scaling.md (compiles are cached, see --cache)
+  python -m tools.aot --table [--cached_only]   # regenerate docs/scaling.md (compiles are cached, see --cache)
 
 Topologies: v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N and v6e-N (N chips),
 KxNAME-N for K slices, cpu-N for N simulated CPU devices (no libtpu needed). TPU compiles need
@@ -42,6 +42,8 @@ _REMAT = flags.DEFINE_list("remat", ["full", "dots"], "sweep: remat policies")
 _EXPERT = flags.DEFINE_list("expert", ["1"], "sweep: expert-parallel sizes (MoE)")
 _TABLE = flags.DEFINE_bool("table", False, "search the smallest fitting slices and write docs/scaling.md")
 _OUT = flags.DEFINE_string("out", "docs/scaling.md", "--table: where to write")
+_CACHED_ONLY = flags.DEFINE_bool("cached_only", False, "--table: compile nothing, write what the cache holds "
+                                 "(searches that need a new compile stay 'not searched yet')")
 _CACHE = flags.DEFINE_string("cache", os.path.join(os.path.expanduser("~"), ".cache", "molmo_jax", "aot"),
                              "--table: directory caching each compile's report and HLO (keyed by the config, "
                              "topology, versions and model source); '' = no cache")
@@ -146,12 +148,17 @@ PROGRAM_FUNCTIONS = (("trainer", "make_train_step"), ("trainer", "build_step"), 
                      ("aot", "abstract_batch"), ("aot", "build_mesh"))
 
 
+class NotCached(Exception):
+    """--cached_only: this compile is not in the cache."""
+
+
 class CachedCompiler:
     """compile_report with a disk cache. Each entry keeps the compiled HLO (gzip), so the HLO
     analysis is re-run on every read and stays current without compiling again."""
 
-    def __init__(self, cache_dir: str | None):
+    def __init__(self, cache_dir: str | None, cached_only: bool = False):
         import jax
+        self.cached_only = cached_only
         from molmo_jax import aot
         self.aot, self.dir, self.devices = aot, cache_dir, {}
         src = os.path.dirname(aot.__file__)
@@ -189,6 +196,8 @@ class CachedCompiler:
             report["fits"] = report.get("oom_message") is None and peak is not None and \
                 peak <= report["hbm_bytes_per_device"]
             return report
+        if self.cached_only:
+            raise NotCached(topology)
         if topology not in self.devices:
             self.devices[topology] = self.aot.topology_devices(topo)
         start = time.perf_counter()
@@ -256,7 +265,10 @@ def smallest_fit(config, family: str, run, log) -> tuple:
             if lean.mesh.tensor > 1:
                 others.append(aot.variant(config, dict(fsdp=topo.n_devices), 1, "full"))
             for c in filter(None, others):
-                tried.append(run(c, name))
+                try:
+                    tried.append(run(c, name))
+                except NotCached:  # --cached_only: rank what was compiled
+                    continue
                 log(f"  {name} {mesh_text(tried[-1]['mesh'])} remat {c.model.remat}: "
                     f"{'fits' if tried[-1]['fits'] else 'does not fit'}")
             return aot.rank([r for r in tried if r["topology"] == name])[0], tried
@@ -341,7 +353,7 @@ def generated_section(results: list, references: list, aot) -> str:
     return "\n".join(lines + ["", END])
 
 
-def write_table(out_path: str, cache_dir: str | None):
+def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False):
     """Search every released model x stage x chip family and rewrite the generated part of
     `out_path` (between the BEGIN/END markers; the prose around it is kept)."""
     def read_doc():
@@ -351,7 +363,7 @@ def write_table(out_path: str, cache_dir: str | None):
             raise SystemExit(f"{out_path}: no '{BEGIN}' ... '{END}' markers to replace")
         return doc
     read_doc()  # fail before hours of compiling, not after
-    run = CachedCompiler(cache_dir)
+    run = CachedCompiler(cache_dir, cached_only)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cells = [(key, title, stage, family) for key, title in TABLE_MODELS for stage in ("pretrain", "sft")
              for family in TABLE_SLICES]
@@ -374,13 +386,20 @@ def write_table(out_path: str, cache_dir: str | None):
 
     for key, title, stage, family in sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2):
         log(f"{title} {stage} on {family}:")
-        results[key, stage, family] = (title, stage, family, configs[key, stage]) + smallest_fit(
-            configs[key, stage], family, run, log)
+        try:
+            results[key, stage, family] = (title, stage, family, configs[key, stage]) + smallest_fit(
+                configs[key, stage], family, run, log)
+        except NotCached:
+            log("  (needs a compile that is not cached: left as not searched yet)")
+            continue
         write()
     for key, stage, name in REFERENCE_POINTS:
         log(f"{key} {stage} on {name} (reference point)")
-        references.append(run(lean_variant(configs[key, stage], run.aot.parse_topology(name).n_devices, run.aot),
-                              name))
+        try:
+            references.append(run(lean_variant(configs[key, stage], run.aot.parse_topology(name).n_devices,
+                                               run.aot), name))
+        except NotCached:
+            log("  (not cached)")
     write()
 
 
@@ -389,7 +408,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _TABLE.value:
         _setup_environment("v5p-8")
-        write_table(_OUT.value, _CACHE.value or None)
+        write_table(_OUT.value, _CACHE.value or None, _CACHED_ONLY.value)
         return 0
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --table)")
