@@ -41,6 +41,10 @@ class SyntheticOptions:
     image_size: tuple[int, int] = (112, 112)  # (width, height) in pixels
     min_objects: int = 1
     max_objects: int = 6
+    # Distinct (colour, shape) kinds per scene, at least (up to 3, and never more than objects). With
+    # 1, most scenes hold one kind and "point at every object" is right for them; 2 makes every
+    # scene ask the model to pick the objects the question names.
+    min_types: int = 1
     kinds: tuple[str, ...] = KINDS
     kind_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # mix proportions, aligned with `kinds`
     pointing_per_image: int = 2  # `pointing` conversations per shapes image
@@ -61,6 +65,8 @@ class SyntheticOptions:
             problems.append(f"image_size {self.image_size} must be within 32..2048 pixels per side")
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             problems.append(f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects}) <= 8")
+        if not 1 <= self.min_types <= 3:
+            problems.append(f"min_types ({self.min_types}) must be within 1..3")
         if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
             problems.append(f"kinds {self.kinds} must be distinct names from {KINDS}")
         if len(self.kind_weights) != len(self.kinds) or any(w < 0 for w in self.kind_weights) \
@@ -201,7 +207,7 @@ def _place_objects(rng, options, width, height):
     """Non-overlapping objects; an object that does not fit after many tries is left out."""
     short = min(width, height)
     n = int(rng.integers(options.min_objects, options.max_objects + 1))
-    n_types = int(rng.integers(1, min(n, 3) + 1))
+    n_types = int(rng.integers(min(options.min_types, n, 3), min(n, 3) + 1))
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     types = [combos[i] for i in rng.choice(len(combos), size=n_types, replace=False)]
     assigned = types + [types[i] for i in rng.integers(0, n_types, size=n - n_types)]

@@ -273,6 +273,21 @@ def measure(lowered, n_devices: int, fixed_bytes: int, budget: float) -> dict:
     return out
 
 
+def program_key(lowered, topo: Topology, layout, budget: float, fixed_bytes: int) -> str:
+    """What a compile depends on: the lowered program itself (so that an edit which leaves the
+    step unchanged, an init or a docstring, keeps its cached compile, and any edit that changes it
+    does not), the device layout, the memory budget, jax and libtpu."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        libtpu = version("libtpu")
+    except PackageNotFoundError:
+        libtpu = "none"
+    digest = hashlib.sha256(f"{jax.__version__} {libtpu} {topo.name} {layout} {budget} {fixed_bytes}\n".encode())
+    digest.update(lowered.as_text().encode())
+    return digest.hexdigest()[:24]
+
+
 def hlo_fields(hlo_text: str, n_devices: int) -> dict:
     stats = analyse_hlo(hlo_text, n_devices)
     return dict(flops_per_device=stats.flops, hbm_traffic_bytes_per_device=stats.hbm_bytes,
@@ -282,11 +297,12 @@ def hlo_fields(hlo_text: str, n_devices: int) -> dict:
 
 def compile_report(config, topo: Topology, mesh_spec: dict | None = None, devices=None,
                    hbm_bytes: float | None = None, inference: bool = False, compile: bool = True,
-                   keep_hlo: bool = False) -> dict:
+                   keep_hlo: bool = False, cache=None) -> dict:
     """Compile the training step of `config` for `topo` and report per device (see module doc).
     `hbm_bytes` overrides the per-device memory budget; with `inference`, the prefill and one decode
     step are compiled too (report["inference"]); `compile=False` stops after the exact state sizes;
-    `keep_hlo` keeps the compiled HLO text in report["hlo_text"]."""
+    `keep_hlo` keeps the compiled HLO text in report["hlo_text"]. `cache` (an object with
+    get(key) -> dict | None and put(key, dict)) holds `measure` results under `program_key`."""
     mesh_spec = dict(mesh_spec if mesh_spec is not None else config.mesh)
     devices = devices if devices is not None else topology_devices(topo)
     mesh, layout = build_mesh(mesh_spec, devices, topo)
@@ -316,7 +332,13 @@ def compile_report(config, topo: Topology, mesh_spec: dict | None = None, device
         lowered = setup.step.lower(params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32))
         fixed = sum(report[k] for k in ("param_bytes_per_device", "opt_state_bytes_per_device",
                                         "batch_bytes_per_device"))
-        report.update(measure(lowered, len(devices), fixed, budget))
+        key = program_key(lowered, topo, layout, budget, fixed) if cache is not None else None
+        measured = cache.get(key) if cache is not None else None
+        if measured is None:
+            measured = measure(lowered, len(devices), fixed, budget)
+            if cache is not None:
+                cache.put(key, measured)
+        report.update(measured)
         report["roofline"] = roofline(report, topo.chip)
         if inference:
             report["inference"] = inference_reports(config, setup, mesh, params, batch, budget, topo)

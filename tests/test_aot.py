@@ -265,3 +265,40 @@ def test_table_section_marks_cells_not_searched_yet():
     assert "| Molmo-7B-D | sft |" in text and "not searched yet (v5e" in text
     assert "Molmo-72B stage 2 on v5p-512 or smaller: **met**" in text
     assert "Molmo-7B-D stage 2 on v5e-256 or smaller: **NOT met**: smallest fitting slice none" in text
+
+
+_CACHE_SCRIPT = """
+import os, sys
+from configs import tiny_sft
+from tools import aot as aot_tool
+cache = sys.argv[1]
+cfg = tiny_sft.get_config()
+cfg.update(batch_size=8, seq_len=64)
+cfg.data.max_crops = 1
+cfg.mesh.update(data=1, fsdp=8, tensor=1)
+run = aot_tool.CachedCompiler(cache)
+first = run(cfg, "cpu-8")
+entries = sorted(os.listdir(cache))
+renamed = cfg.copy_and_resolve_references()
+renamed.log_every, renamed.data.data_dir = 7, "/elsewhere"  # the step program does not change
+again = run(renamed, "cpu-8")
+print(len(entries), sorted(os.listdir(cache)) == entries, again["compile_seconds"] == first["compile_seconds"],
+      again["peak_bytes_per_device"] == first["peak_bytes_per_device"], again["flops_per_device"] == first["flops_per_device"])
+other = cfg.copy_and_resolve_references()
+other.model.remat = "dots"
+try:
+    aot_tool.CachedCompiler(cache, cached_only=True)(other, "cpu-8")
+    print("cached")
+except aot_tool.NotCached:
+    print("not cached")
+"""
+
+
+def test_compile_cache_is_keyed_by_the_lowered_program(tmp_path):
+    """tools.aot's cache: a config edit that leaves the training step unchanged reuses the compile
+    (nothing new written, the same measurements); one that changes the step does not."""
+    out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                          XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "True", "True", "True", "True", "not", "cached"]

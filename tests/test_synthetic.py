@@ -188,8 +188,22 @@ def test_knobs_image_size_objects_and_kind_mix():
             assert np.all(xy < [160, 96]) and np.all(xy > 0)
 
 
+def test_min_types_makes_every_scene_a_choice():
+    """min_types=2: every scene with two or more objects holds at least two (colour, shape) kinds;
+    the default (1) leaves scenes of one kind common."""
+    def kinds_per_scene(options):
+        examples = [render_example(options, 3, "train", i) for i in range(150)]
+        return [(len(e["metadata"]["objects"]), len({(o["colour"], o["shape"]) for o in e["metadata"]["objects"]}))
+                for e in examples if e["metadata"]["kind"] == "shapes"]
+    base = SyntheticOptions(grid=4, max_objects=4, kinds=("shapes",), kind_weights=(1.0,))
+    assert sum(k == 1 for n, k in kinds_per_scene(base) if n > 1) > 20
+    scenes = kinds_per_scene(dataclasses.replace(base, min_types=2))
+    assert all(k >= 2 for n, k in scenes if n > 1) and all(k <= 3 for _, k in scenes)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"image_size": (16, 112)}, "image_size"),
+    ({"min_types": 4}, "min_types"),
     ({"min_objects": 4, "max_objects": 2}, "min_objects"),
     ({"kinds": ("shapes", "dogs"), "kind_weights": (1, 1)}, "kinds"),
     ({"kind_weights": (1.0,)}, "kind_weights"),

@@ -11,9 +11,7 @@ libtpu (`pip install -e '.[tpu]'`). See molmo_jax/aot.py for what is measured an
 for the roofline formula and its limits.
 """
 import gzip
-import hashlib
 import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -141,81 +139,62 @@ TABLE_MODELS = (("molmoe_1b", "MolmoE-1B"), ("molmo_7b_o", "Molmo-7B-O"), ("molm
                 ("molmo_72b", "Molmo-72B"))
 TABLE_SLICES = {"v5p": [f"v5p-{2 * chips}" for chips in (4, 8, 16, 32, 64, 128, 256, 512, 1024)],
                 "v5e": [f"v5e-{chips}" for chips in (1, 4, 8, 16, 32, 64, 128, 256)]}
-# What the compiled training step depends on: a change here invalidates cached compiles (whole
-# files, plus the functions of trainer.py and molmo_jax.aot that build and lower the step).
-PROGRAM_SOURCES = ("model.py", "llm.py", "vit.py", "connector.py", "layers.py", "optim.py", "sharding.py")
-PROGRAM_FUNCTIONS = (("trainer", "make_train_step"), ("trainer", "build_step"), ("trainer", "like_params"),
-                     ("aot", "abstract_batch"), ("aot", "build_mesh"))
-
-
 class NotCached(Exception):
     """--cached_only: this compile is not in the cache."""
 
 
 class CachedCompiler:
-    """compile_report with a disk cache. Each entry keeps the compiled HLO (gzip), so the HLO
+    """compile_report with a disk cache keyed by the lowered program (molmo_jax.aot.program_key):
+    lowering takes seconds, compiling minutes. Each entry keeps the compiled HLO (gzip), so the HLO
     analysis is re-run on every read and stays current without compiling again."""
 
     def __init__(self, cache_dir: str | None, cached_only: bool = False):
-        import jax
-        self.cached_only = cached_only
         from molmo_jax import aot
-        self.aot, self.dir, self.devices = aot, cache_dir, {}
-        src = os.path.dirname(aot.__file__)
-        digest = hashlib.sha256(jax.__version__.encode())
-        for name in PROGRAM_SOURCES:
-            with open(os.path.join(src, name), "rb") as f:
-                digest.update(f.read())
-        for module, name in PROGRAM_FUNCTIONS:
-            digest.update(inspect.getsource(getattr(importlib.import_module(f"molmo_jax.{module}"), name)).encode())
-        try:
-            from importlib.metadata import version
-            digest.update(version("libtpu").encode())
-        except Exception:  # noqa: BLE001 - no libtpu: CPU-only cache entries
-            pass
-        self.salt = digest.hexdigest()
+        self.aot, self.dir, self.cached_only, self.devices = aot, cache_dir, cached_only, {}
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
 
-    def key(self, config, topology: str) -> str:
-        text = self.salt + topology + config.to_json_best_effort(sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-    def __call__(self, config, topology: str) -> dict:
-        topo = self.aot.parse_topology(topology)
-        key = self.key(config, topology)
+    def get(self, key: str) -> dict | None:
         path = os.path.join(self.dir, key) if self.dir else None
         if path and os.path.exists(path + ".json"):
             with open(path + ".json") as f:
-                report = json.load(f)
+                measured = json.load(f)
             if os.path.exists(path + ".hlo.gz"):
                 with gzip.open(path + ".hlo.gz", "rt") as f:
-                    report.update(self.aot.hlo_fields(f.read(), report["n_devices"]))
-            report["roofline"] = self.aot.roofline(report, topo.chip)
-            peak = report.get("peak_bytes_per_device")
-            report["fits"] = report.get("oom_message") is None and peak is not None and \
-                peak <= report["hbm_bytes_per_device"]
-            return report
+                    measured["hlo_text"] = f.read()
+                measured.update(self.aot.hlo_fields(measured["hlo_text"], measured.pop("n_devices")))
+            return measured
         if self.cached_only:
-            raise NotCached(topology)
+            raise NotCached(key)
+        return None
+
+    def put(self, key: str, measured: dict):
+        if not self.dir:
+            return
+        path = os.path.join(self.dir, key)
+        if measured.get("hlo_text"):
+            with gzip.open(path + ".hlo.gz", "wt") as f:
+                f.write(measured["hlo_text"])
+        kept = {k: v for k, v in measured.items() if k != "hlo_text"}
+        with open(path + ".json.tmp", "w") as f:
+            json.dump(kept | dict(n_devices=self._n_devices), f, default=float)
+        os.replace(path + ".json.tmp", path + ".json")  # the .json last: an entry is whole or absent
+
+    def __call__(self, config, topology: str) -> dict:
+        topo = self.aot.parse_topology(topology)
         if topology not in self.devices:
             self.devices[topology] = self.aot.topology_devices(topo)
+        self._n_devices = len(self.devices[topology])
         start = time.perf_counter()
         try:
-            report = self.aot.compile_report(config, topo, devices=self.devices[topology], keep_hlo=True)
+            return self.aot.compile_report(config, topo, devices=self.devices[topology], cache=self)
+        except NotCached:
+            raise
         except Exception as e:  # noqa: BLE001 - one failed compile must not end an hours-long search
             return dict(model=config.model.name, stage=config.stage, topology=topology, mesh=dict(config.mesh),
                         grad_accum_steps=config.grad_accum_steps, remat=config.model.remat, fits=False,
                         error=f"{type(e).__name__}: {str(e)[:300]}", hbm_bytes_per_device=topo.chip.hbm_bytes,
                         compile_seconds=time.perf_counter() - start, compile_cpu_seconds=float("nan"))
-        hlo = report.pop("hlo_text", None)
-        if path:
-            if hlo:
-                with gzip.open(path + ".hlo.gz", "wt") as f:
-                    f.write(hlo)
-            with open(path + ".json", "w") as f:
-                json.dump(report, f, default=float)
-        return report
 
 
 def tensor_choices(config, n_devices: int) -> list:
@@ -236,8 +215,8 @@ def lean_variant(config, n_devices: int, aot, remat: str = "full"):
 def smallest_fit(config, family: str, run, log) -> tuple:
     """Walk up the slice sizes: skip a slice whose exact share of the training state exceeds HBM,
     else compile the leanest variant (largest even tensor split, one example per device per
-    micro-batch, full remat). On the first slice where it fits, also compile plain FSDP and `dots`
-    remat and keep the fastest that fits. Returns (that report or None, every report made)."""
+    micro-batch, full remat). Returns (the report on the first slice where it fits or None, every
+    report made); `try_alternatives` then looks for a faster variant on that slice."""
     aot = run.aot
     tried = []
     for name in TABLE_SLICES[family]:
@@ -261,18 +240,27 @@ def smallest_fit(config, family: str, run, log) -> tuple:
         log(f"  {name} {mesh_text(report['mesh'])}: {'fits' if report['fits'] else 'does not fit'} "
             f"(compiled in {report['compile_seconds']:.0f} s) {why}")
         if report["fits"]:
-            others = [lean_variant(config, topo.n_devices, aot, remat="dots")]
-            if lean.mesh.tensor > 1:
-                others.append(aot.variant(config, dict(fsdp=topo.n_devices), 1, "full"))
-            for c in filter(None, others):
-                try:
-                    tried.append(run(c, name))
-                except NotCached:  # --cached_only: rank what was compiled
-                    continue
-                log(f"  {name} {mesh_text(tried[-1]['mesh'])} remat {c.model.remat}: "
-                    f"{'fits' if tried[-1]['fits'] else 'does not fit'}")
-            return aot.rank([r for r in tried if r["topology"] == name])[0], tried
+            return report, tried
     return None, tried
+
+
+def try_alternatives(config, best: dict, tried: list, run, log) -> tuple:
+    """On the slice `smallest_fit` found, also compile `dots` remat and plain FSDP (no tensor split)
+    and keep the fastest variant that fits. Returns (best, tried) updated."""
+    aot, name = run.aot, best["topology"]
+    n = aot.parse_topology(name).n_devices
+    others = [lean_variant(config, n, aot, remat="dots")]
+    if best["mesh"]["tensor"] > 1:
+        others.append(aot.variant(config, dict(fsdp=n), 1, "full"))
+    tried = list(tried)
+    for c in filter(None, others):
+        try:
+            tried.append(run(c, name))
+        except NotCached:  # --cached_only: rank what was compiled
+            continue
+        log(f"  {name} {mesh_text(tried[-1]['mesh'])} remat {c.model.remat}: "
+            f"{'fits' if tried[-1]['fits'] else 'does not fit'}")
+    return aot.rank([r for r in tried if r["topology"] == name])[0], tried
 
 
 def _mfu(r) -> str:
@@ -384,7 +372,10 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
         os.replace(tmp, out_path)
         log(f"wrote {out_path}")
 
-    for key, title, stage, family in sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2):
+    order = sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2)
+    # Two passes, so that an interrupted run has a smallest slice in every cell before it spends
+    # compiles on faster variants: first the lean variant up the slices, then the alternatives.
+    for key, title, stage, family in order:
         log(f"{title} {stage} on {family}:")
         try:
             results[key, stage, family] = (title, stage, family, configs[key, stage]) + smallest_fit(
@@ -392,6 +383,13 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
         except NotCached:
             log("  (needs a compile that is not cached: left as not searched yet)")
             continue
+        write()
+    for key, title, stage, family in order:
+        *head, best, tried = results[key, stage, family]
+        if best in (None, PENDING):
+            continue
+        log(f"{title} {stage} on {family}: faster variants on {best['topology']}")
+        results[key, stage, family] = tuple(head) + try_alternatives(configs[key, stage], best, tried, run, log)
         write()
     for key, stage, name in REFERENCE_POINTS:
         log(f"{key} {stage} on {name} (reference point)")
