@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax.sharding import constrain
-from molmo_jax.layers import Dense, RMSNorm, attend, embedding_std, kernel_std, param, rope, scan_layers
+from molmo_jax.layers import (Dense, RMSNorm, attend, embedding_std, kernel_std, param, residual_out_std, rope,
+                              scan_layers)
 
 
 class Attention(nnx.Module):
@@ -22,7 +23,8 @@ class Attention(nnx.Module):
         self.wq = Dense(d, (hq, hd), ("embed",), ("heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
         self.wk = Dense(d, (hkv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
         self.wv = Dense(d, (hkv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
-        self.wo = Dense((hq, hd), d, ("heads", "head_dim"), ("embed",), **kw)
+        self.wo = Dense((hq, hd), d, ("heads", "head_dim"), ("embed",), std=residual_out_std(hq * hd, lcfg.n_layers),
+                        **kw)
         if lcfg.qk_norm:  # RMSNorm over the whole projected q / k, before the head split (spec 10.3)
             self.q_norm = RMSNorm(hq * hd, lcfg.norm_eps, "q_norm", param_dtype=param_dtype, stack=stack)
             self.k_norm = RMSNorm(hkv * hd, lcfg.norm_eps, "kv_norm", param_dtype=param_dtype, stack=stack)
@@ -57,7 +59,7 @@ class MLP(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
         self.w_up = Dense(d, f, ("embed",), ("mlp",), **kw)
         self.w_gate = Dense(d, f, ("embed",), ("mlp",), **kw)
-        self.w_down = Dense(f, d, ("mlp",), ("embed",), **kw)
+        self.w_down = Dense(f, d, ("mlp",), ("embed",), std=residual_out_std(f, lcfg.n_layers), **kw)
 
     def __call__(self, x):
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -77,7 +79,8 @@ class MoE(nnx.Module):
         kw = dict(stack=stack)
         self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, std=kernel_std(d), **kw)
         self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, std=kernel_std(d), **kw)
-        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, std=kernel_std(f), **kw)
+        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype,
+                            std=residual_out_std(f, lcfg.n_layers), **kw)
 
     def __call__(self, x):
         shape = x.shape

@@ -1,7 +1,7 @@
 """Parameter initialisation modes (molmo_jax/layers.py): "normal" is the original's N(0, 0.02)
 everywhere; "fan_in" (training from scratch, the demo) keeps activations O(1): N(0, 1/fan_in) kernels,
-N(0, 1) embedding tables, and residual-branch output projections of the ViT scaled by 1/(2 n_layers)
-so that its blocks start near the identity."""
+N(0, 1) embedding tables, and residual-branch output projections of the ViT and the LLM scaled by
+1/(2 n_layers) so that their blocks start near the identity."""
 import numpy as np
 import pytest
 
@@ -27,7 +27,8 @@ def test_normal_mode_is_the_originals_0_02_everywhere(models):
     _, m = models["normal"]
     for name, x in [("token embedding", m.llm.embedding), ("ViT positions", m.vision.positional_embedding),
                     ("ViT attention out", m.vision.blocks.wo.kernel), ("ViT mlp out", m.vision.blocks.w2.kernel),
-                    ("LLM q", m.llm.blocks.attn.wq.kernel)]:
+                    ("LLM q", m.llm.blocks.attn.wq.kernel), ("LLM attention out", m.llm.blocks.attn.wo.kernel),
+                    ("LLM mlp out", m.llm.blocks.ffn.w_down.kernel)]:
         assert _std(x) == pytest.approx(0.02, rel=0.05), name
 
 
@@ -40,6 +41,12 @@ def test_fan_in_mode_scales(models):
     near_identity = 1 / (2 * v.n_layers)
     assert _std(m.vision.blocks.wo.kernel) == pytest.approx((v.n_heads * v.head_dim) ** -0.5 * near_identity, rel=0.05)
     assert _std(m.vision.blocks.w2.kernel) == pytest.approx(v.mlp_dim ** -0.5 * near_identity, rel=0.05)
+    llm = cfg.llm
+    assert _std(m.llm.blocks.attn.wq.kernel) == pytest.approx(llm.d_model ** -0.5, rel=0.05)
+    near_identity = 1 / (2 * llm.n_layers)
+    assert _std(m.llm.blocks.attn.wo.kernel) == pytest.approx((llm.n_heads * llm.head_dim) ** -0.5 * near_identity,
+                                                              rel=0.05)
+    assert _std(m.llm.blocks.ffn.w_down.kernel) == pytest.approx(llm.mlp_dim ** -0.5 * near_identity, rel=0.05)
 
 
 def test_fan_in_image_features_are_on_the_scale_of_token_embeddings(models):
