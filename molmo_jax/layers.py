@@ -46,9 +46,9 @@ def kernel_std(fan_in: int) -> float:
 
 def residual_out_std(fan_in: int, n_layers: int) -> float:
     """Init std of the matmul closing a residual branch (attention output, MLP down projection).
-    "fan_in" mode scales it by 1 / (2 n_layers), so that at init every block is close to the
-    identity: with plain fan-in init each random ViT block adds an O(1) term that is nearly the same
-    for every token (random attention averages the tokens), and after a few blocks a patch's own
+    "fan_in" mode scales it by 1 / (2 n_layers), so that at init every block (ViT and LLM) is close
+    to the identity: with plain fan-in init each random ViT block adds an O(1) term that is nearly the
+    same for every token (random attention averages the tokens), and after a few blocks a patch's own
     content and position are a small part of its features. A from-scratch model then takes far
     longer to learn where things are (docs/benchmarks.md, demo). "normal" mode keeps 0.02."""
     std = kernel_std(fan_in)
