@@ -5,8 +5,10 @@
 from configs import base
 
 # Scenes the demo model can learn to point at within minutes: up to 4 shapes whose centres sit on a
-# 4 x 4 grid aligned with the pooled image tokens (input_pipeline/synthetic.py, option `grid`).
-SYNTHETIC_OPTIONS = ("grid=4,max_objects=4,image_size=112,qa_per_image=1,"
+# 4 x 4 grid aligned with the pooled image tokens (input_pipeline/synthetic.py, option `grid`), and
+# at least two kinds of shape in every scene with more than one object (`min_types`), so that
+# "point at every object" is never the right answer: the model must pick the ones a question names.
+SYNTHETIC_OPTIONS = ("grid=4,max_objects=4,min_types=2,image_size=112,qa_per_image=1,"
                      "kinds=shapes+clock+chart,kind_weights=0.8+0.1+0.1")
 
 
