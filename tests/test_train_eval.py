@@ -22,3 +22,19 @@ def test_periodic_eval_is_logged(tmp_path):
     for key in ("eval/pointing/f1", "eval/counting/accuracy", "eval/vqa/accuracy"):
         assert 0.0 <= evals[0][key] <= 1.0, key
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_bad_training_data_is_one_line_before_any_work(tmp_path):
+    """An unknown dataset name and an unbuilt dataset: exit 2, one line naming the problem, no
+    traceback, no workdir written."""
+    for mixture, says in (("no_such_set:1.0", "unknown dataset 'no_such_set'"),
+                          ("pixmo_points:1.0", "not built under")):
+        cmd = [sys.executable, "-m", "tools.train", "--config", "configs/tiny_sft.py", "--workdir",
+               str(tmp_path / "w"), "--config.data.kind=mixture", f"--config.data.mixture={mixture}",
+               f"--config.data.data_dir={tmp_path / 'data'}", "--progress=false"]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert run.stderr.startswith("error: training data: ") and says in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
+        assert not (tmp_path / "w").exists()

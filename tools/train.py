@@ -214,11 +214,15 @@ def main(argv):
 
     config = _CONFIG.value
     index, count = jax.process_index(), jax.process_count()
+    try:  # the data first: a wrong dataset name or an unbuilt dataset is one line, before any work
+        data = _CountingIterator(input_pipeline.make_train_iterator(config, index, count))
+    except (KeyError, FileNotFoundError, ValueError) as e:
+        print(f"error: training data: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
     trainer = trainer_lib.Trainer(config, _WORKDIR.value)
     if not trainer.restore_latest() and config.init_from:
         trainer.load_params(trainer_lib.model_params_from_checkpoint(config.init_from))
         print(f"initialised from {config.init_from}")
-    data = _CountingIterator(input_pipeline.make_train_iterator(config, index, count))
     start = trainer.step
     try:
         step = trainer.fit(data, progress=_PROGRESS.value, evaluator=make_evaluator(config))
