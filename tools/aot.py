@@ -374,7 +374,8 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
 
     order = sorted(cells, key=lambda c: first.index(c[1:]) if c[1:] in first else 2)
     # Two passes, so that an interrupted run has a smallest slice in every cell before it spends
-    # compiles on faster variants: first the lean variant up the slices, then the alternatives.
+    # compiles on faster variants: first the lean variant up the slices (then the reference
+    # points), then the alternatives.
     for key, title, stage, family in order:
         log(f"{title} {stage} on {family}:")
         try:
@@ -384,13 +385,6 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
             log("  (needs a compile that is not cached: left as not searched yet)")
             continue
         write()
-    for key, title, stage, family in order:
-        *head, best, tried = results[key, stage, family]
-        if best in (None, PENDING):
-            continue
-        log(f"{title} {stage} on {family}: faster variants on {best['topology']}")
-        results[key, stage, family] = tuple(head) + try_alternatives(configs[key, stage], best, tried, run, log)
-        write()
     for key, stage, name in REFERENCE_POINTS:
         log(f"{key} {stage} on {name} (reference point)")
         try:
@@ -398,6 +392,14 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
                                                run.aot), name))
         except NotCached:
             log("  (not cached)")
+    write()
+    for key, title, stage, family in order:
+        *head, best, tried = results[key, stage, family]
+        if best in (None, PENDING):
+            continue
+        log(f"{title} {stage} on {family}: faster variants on {best['topology']}")
+        results[key, stage, family] = tuple(head) + try_alternatives(configs[key, stage], best, tried, run, log)
+        write()
     write()
 
 
