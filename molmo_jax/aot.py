@@ -260,7 +260,8 @@ def measure(lowered, n_devices: int, fixed_bytes: int, budget: float) -> dict:
     """Compile a lowered program and read memory, FLOPs and collectives per device."""
     t0, c0 = time.perf_counter(), time.process_time()
     compiled, oom = _compile(lowered)
-    out = dict(compile_seconds=time.perf_counter() - t0, compile_cpu_seconds=time.process_time() - c0)
+    out = dict(n_devices=n_devices, compile_seconds=time.perf_counter() - t0,
+               compile_cpu_seconds=time.process_time() - c0)
     out.update(memory_fields(compiled, oom, fixed_bytes, budget))
     out.update(flops_per_device=None, xla_cost_flops_per_device=None, hbm_traffic_bytes_per_device=None,
                ici_bytes_per_device=None, collectives={})

@@ -162,7 +162,7 @@ class CachedCompiler:
             if os.path.exists(path + ".hlo.gz"):
                 with gzip.open(path + ".hlo.gz", "rt") as f:
                     measured["hlo_text"] = f.read()
-                measured.update(self.aot.hlo_fields(measured["hlo_text"], measured.pop("n_devices")))
+                measured.update(self.aot.hlo_fields(measured["hlo_text"], measured["n_devices"]))
             return measured
         if self.cached_only:
             raise NotCached(key)
@@ -177,14 +177,13 @@ class CachedCompiler:
                 f.write(measured["hlo_text"])
         kept = {k: v for k, v in measured.items() if k != "hlo_text"}
         with open(path + ".json.tmp", "w") as f:
-            json.dump(kept | dict(n_devices=self._n_devices), f, default=float)
+            json.dump(kept, f, default=float)
         os.replace(path + ".json.tmp", path + ".json")  # the .json last: an entry is whole or absent
 
     def __call__(self, config, topology: str) -> dict:
         topo = self.aot.parse_topology(topology)
         if topology not in self.devices:
             self.devices[topology] = self.aot.topology_devices(topo)
-        self._n_devices = len(self.devices[topology])
         start = time.perf_counter()
         try:
             return self.aot.compile_report(config, topo, devices=self.devices[topology], cache=self)
