@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import re
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import jax
 import jax.numpy as jnp
@@ -278,8 +280,6 @@ def program_key(lowered, topo: Topology, layout, budget: float, fixed_bytes: int
     """What a compile depends on: the lowered program itself (so that an edit which leaves the
     step unchanged, an init or a docstring, keeps its cached compile, and any edit that changes it
     does not), the device layout, the memory budget, jax and libtpu."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
     try:
         libtpu = version("libtpu")
     except PackageNotFoundError:

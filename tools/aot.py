@@ -399,7 +399,6 @@ def write_table(out_path: str, cache_dir: str | None, cached_only: bool = False)
         log(f"{title} {stage} on {family}: faster variants on {best['topology']}")
         results[key, stage, family] = tuple(head) + try_alternatives(configs[key, stage], best, tried, run, log)
         write()
-    write()
 
 
 def main(argv):
