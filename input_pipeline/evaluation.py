@@ -12,9 +12,9 @@ Two kinds of names:
 |---|---|---|
 | synthetic_pointing | {style: pointing, label} | task "pointing", points [[x, y], ...] in pixels, image_width, image_height, mask: one [x, y, w, h] box per point (the shape's bounding box) |
 | synthetic_counting | {style: point_count, label} | task "counting", count |
-| synthetic_qa | {style: user_qa, question} | task "vqa", answers [answer] |
+| synthetic_qa | {style: user_qa, question} | task "exact", answers [answer] |
 | synthetic_clocks | {style: clocks, question} | task "clock", answers ["H:MM"], hour, minute |
-| synthetic_charts | {style: pixmo_docs_charts, question} | task "vqa", answers [answer] |
+| synthetic_charts | {style: pixmo_docs_charts, question} | task "exact", answers [answer] |
 
 2. Datasets built with `python -m tools.build_data` (registry names of `input_pipeline.datasets`, the
    original's evaluation names in EVAL_ALIASES, or `vqa:<name>` for any set built with the vqa builder).
@@ -25,7 +25,7 @@ Two kinds of names:
 
 | task (METRICS) | metadata |
 |---|---|
-| vqa, vqa_plain, anls, relaxed, clock | answers [str, ...] (clock: also hour, minute) |
+| vqa, vqa_plain, anls, relaxed, exact, clock | answers [str, ...] (clock: also hour, minute) |
 | mc | answers [index of the correct option], options [str, ...] |
 | pointing | points [[x, y], ...] in pixels of the decoded image, image_width, image_height (no masks: hits within 5% of the diagonal) |
 | counting | count |
@@ -46,9 +46,10 @@ import numpy as np
 TASKS = {  # name: (style of the conversations, tools.eval task)
     "synthetic_pointing": ("pointing", "pointing"),
     "synthetic_counting": ("point_count", "counting"),
-    "synthetic_qa": ("user_qa", "vqa"),
+    # One reference answer each: exact match (VQA accuracy needs 3 agreeing references for a 1).
+    "synthetic_qa": ("user_qa", "exact"),
     "synthetic_clocks": ("clocks", "clock"),
-    "synthetic_charts": ("pixmo_docs_charts", "vqa"),
+    "synthetic_charts": ("pixmo_docs_charts", "exact"),
 }
 
 # Built datasets -> tools.eval task (spec MOLMO.md 15.3). The spec names no metric for TallyQA, TabMWP,

@@ -45,6 +45,9 @@ class SyntheticOptions:
     # 1, most scenes hold one kind and "point at every object" is right for them; 2 makes every
     # scene ask the model to pick the objects the question names.
     min_types: int = 1
+    # The kinds of a scene share neither colour nor shape: either word of a label ("red circles")
+    # picks the same objects, which a tiny model learns much sooner than the conjunction.
+    distinct_types: bool = False
     kinds: tuple[str, ...] = KINDS
     kind_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # mix proportions, aligned with `kinds`
     pointing_per_image: int = 2  # `pointing` conversations per shapes image
@@ -208,8 +211,12 @@ def _place_objects(rng, options, width, height):
     short = min(width, height)
     n = int(rng.integers(options.min_objects, options.max_objects + 1))
     n_types = int(rng.integers(min(options.min_types, n, 3), min(n, 3) + 1))
-    combos = [(c, s) for c in COLOURS for s in SHAPES]
-    types = [combos[i] for i in rng.choice(len(combos), size=n_types, replace=False)]
+    if options.distinct_types:
+        colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=n_types, replace=False)]
+        types = list(zip(colours, [SHAPES[i] for i in rng.choice(len(SHAPES), size=n_types, replace=False)]))
+    else:
+        combos = [(c, s) for c in COLOURS for s in SHAPES]
+        types = [combos[i] for i in rng.choice(len(combos), size=n_types, replace=False)]
     assigned = types + [types[i] for i in rng.integers(0, n_types, size=n - n_types)]
     objects = []
     if options.grid:

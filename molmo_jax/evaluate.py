@@ -17,7 +17,7 @@ from molmo_jax import generate, metrics
 from molmo_jax.preprocess import Collator, Preprocessor
 
 # New tokens per task (spec 14.3: 192 for pointing and counting, 12 for short answers).
-MAX_NEW_TOKENS = {"pointing": 192, "counting": 192, "vqa": 12, "vqa_plain": 12, "anls": 12, "relaxed": 12,
+MAX_NEW_TOKENS = {"pointing": 192, "counting": 192, "vqa": 12, "vqa_plain": 12, "anls": 12, "relaxed": 12, "exact": 12,
                   "mc": 12, "clock": 12}
 
 
@@ -52,6 +52,8 @@ def score_one(task: str, prediction: str, meta: dict, settings: EvalSettings) ->
     if task == "relaxed":
         return {"accuracy": metrics.relaxed_accuracy(answer, answers),
                 "exact_match": metrics.exact_match(answer, answers)}
+    if task == "exact":
+        return {"accuracy": metrics.exact_match(answer, answers)}
     if task == "mc":
         return {"accuracy": metrics.multiple_choice_accuracy(answer, answers, meta.get("options"))}
     return {"accuracy": metrics.vqa_accuracy(answer, answers, normalize=task != "vqa_plain")}

@@ -34,6 +34,13 @@ def test_vqa_json_and_table(tmp_path):
     assert "accuracy" in proc.stdout and "0.6667" in proc.stdout
 
 
+def test_exact_gives_a_single_reference_full_credit(tmp_path):
+    rows = [{"prediction": "Red.", "answers": ["red"]}, {"prediction": "2", "answers": ["3"]}]
+    assert score_json(tmp_path, "exact", rows)["accuracy"] == pytest.approx(0.5)
+    # VQA accuracy needs three agreeing references for full credit: 1/3 for the same right answer.
+    assert score_json(tmp_path, "vqa", rows)["accuracy"] == pytest.approx(1 / 6)
+
+
 def test_anls_relaxed_and_mc(tmp_path):
     out = score_json(tmp_path, "anls", [{"prediction": "helo", "answers": ["hello"]},
                                          {"prediction": "hello", "answers": ["hello"]}])

@@ -201,6 +201,22 @@ def test_min_types_makes_every_scene_a_choice():
     assert all(k >= 2 for n, k in scenes if n > 1) and all(k <= 3 for _, k in scenes)
 
 
+def test_distinct_types_share_no_colour_and_no_shape():
+    """distinct_types: the kinds of a scene differ in colour and in shape, so either word of a label
+    names the same objects (and no shape-only label is asked); off by default (shared words common)."""
+    def kinds(options):
+        examples = [render_example(options, 4, "train", i) for i in range(150)]
+        return [({(o["colour"], o["shape"]) for o in e["metadata"]["objects"]}, e["message_list"])
+                for e in examples if e["metadata"]["kind"] == "shapes"]
+    base = SyntheticOptions(grid=4, max_objects=4, min_types=2, kinds=("shapes",), kind_weights=(1.0,))
+    shared = sum(len({c for c, _ in k}) < len(k) or len({s for _, s in k}) < len(k) for k, _ in kinds(base))
+    assert shared > 10
+    for types, conversations in kinds(synthetic.parse_options("grid=4,max_objects=4,min_types=2,distinct_types=1,kinds=shapes")):
+        assert len({c for c, _ in types}) == len({s for _, s in types}) == len(types)
+        labels = [c["label"] for c in conversations if c["style"] == "pointing"]
+        assert labels and all(" " in label for label in labels)  # always "colour shapes"
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"image_size": (16, 112)}, "image_size"),
     ({"min_types": 4}, "min_types"),

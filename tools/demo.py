@@ -179,9 +179,9 @@ def main(argv=None):
 
     report = dict(
         pointing_f1=after["pointing"]["f1"], counting_accuracy=after["counting"]["accuracy"],
-        qa_accuracy=after["vqa"]["accuracy"], caption_loss=loss_after,
+        qa_accuracy=after["exact"]["accuracy"], caption_loss=loss_after,
         untrained_pointing_f1=before["pointing"]["f1"], untrained_counting_accuracy=before["counting"]["accuracy"],
-        untrained_qa_accuracy=before["vqa"]["accuracy"], untrained_caption_loss=loss_before,
+        untrained_qa_accuracy=before["exact"]["accuracy"], untrained_caption_loss=loss_before,
         export_max_abs_logit_diff=logits_diff, steps={"stage1": int(t1.step), "stage2": int(t2.step)},
         eval_examples_per_task=n_eval, parameters=model_lib.count_params(trained),
         wall_seconds=time.time() - t0, quick=args.quick)

@@ -6,7 +6,8 @@ scores predictions made anywhere (this project, the original, vLLM). Each line o
 JSON object with `prediction` (the generated text) and the ground truth of the task:
 
     vqa, vqa_plain, anls,       "answers": [str, ...] (vqa_plain: A-OKVQA direct answer, lower-cased
-    relaxed, clock              strings without the VQA normalisation)
+    relaxed, exact, clock       strings without the VQA normalisation; exact: one reference is enough
+                                for a 1, as in the synthetic QA, where VQA accuracy would give 1/3)
     mc                          "answers": [str | int, ...] (option text, letter or 0-based index),
                                 optional "options": [str, ...]; without options: exact match
     counting                    "count": int
@@ -141,6 +142,11 @@ def score_anls(rows, args):
     return _mean_score(rows, args, one)
 
 
+def score_exact(rows, args):
+    return _mean_score(rows, args, lambda row, where, pred: dict(
+        accuracy=exact_match(pred, _answers(row, where))))
+
+
 def score_relaxed(rows, args):
     def one(row, where, pred):
         answers = _answers(row, where)
@@ -189,7 +195,7 @@ def score_pointing(rows, args):
 
 
 TASKS = {"pointing": score_pointing, "counting": score_counting, "vqa": score_vqa, "vqa_plain": score_vqa_plain,
-         "anls": score_anls, "relaxed": score_relaxed, "mc": score_mc, "clock": score_clock}
+         "anls": score_anls, "relaxed": score_relaxed, "exact": score_exact, "mc": score_mc, "clock": score_clock}
 
 
 # ----------------------------------------------------------------------------------------------
