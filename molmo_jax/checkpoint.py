@@ -270,7 +270,12 @@ def save_model(directory, cfg, params, tokenizer_dir=None, overwrite=False) -> p
 def stored_params(params_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of an orbax params checkpoint, from its metadata (no array is read)."""
     try:
-        meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(params_dir).item_metadata
+        # Absolute: orbax returns no item metadata for a relative path to a training run's params
+        # (runs/x/checkpoints/N/params), and the restore below would have nothing to go on.
+        meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(
+            pathlib.Path(params_dir).absolute()).item_metadata
+        if meta is None:
+            raise WeightsError(f"{params_dir}: orbax checkpoint without parameter metadata")
     except Exception as e:  # orbax raises assorted errors for a damaged directory
         raise WeightsError(f"{params_dir}: not a readable orbax checkpoint ({e})") from None
     return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten_params(dict(meta.tree)).items()}
@@ -310,7 +315,7 @@ def load_model(directory, shardings=None, dtype=None):
         abstract[path] = jax.ShapeDtypeStruct(shape, want, sharding=sharding)
     try:
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-            info.params_dir, args=ocp.args.PyTreeRestore(item=nested(abstract), restore_args=nested(restore_args)))
+            pathlib.Path(info.params_dir).absolute(), args=ocp.args.PyTreeRestore(item=nested(abstract), restore_args=nested(restore_args)))
     except Exception as e:
         raise WeightsError(f"{info.params_dir}: cannot restore the parameters ({e})") from None
     flat = flatten_params(restored)
