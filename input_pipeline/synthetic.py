@@ -49,6 +49,9 @@ class SyntheticOptions:
     # picks the same objects, which a tiny model learns much sooner than the conjunction.
     distinct_types: bool = False
     kinds: tuple[str, ...] = KINDS
+    # Background colours drawn from (names of BACKGROUNDS). One plain colour takes away a shortcut a
+    # tiny model falls for: naming the objects' colour after the background's tint.
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     kind_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # mix proportions, aligned with `kinds`
     pointing_per_image: int = 2  # `pointing` conversations per shapes image
     counting_per_image: int = 1  # `point_count` conversations per shapes image
@@ -70,6 +73,8 @@ class SyntheticOptions:
             problems.append(f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects}) <= 8")
         if not 1 <= self.min_types <= 3:
             problems.append(f"min_types ({self.min_types}) must be within 1..3")
+        if not self.backgrounds or any(b not in BACKGROUNDS for b in self.backgrounds):
+            problems.append(f"backgrounds {self.backgrounds} must be names from {tuple(BACKGROUNDS)}")
         if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
             problems.append(f"kinds {self.kinds} must be distinct names from {KINDS}")
         if len(self.kind_weights) != len(self.kinds) or any(w < 0 for w in self.kind_weights) \
@@ -117,9 +122,9 @@ def render_example(options: SyntheticOptions, seed: int, split: str, index: int)
 # ---------------------------------------------------------------------------------------------
 # Drawing helpers
 
-def _background(rng, width, height):
+def _background(rng, width, height, names=tuple(BACKGROUNDS)):
     """A pale colour with a linear gradient and low-frequency noise; returns (name, uint8 [H, W, 3])."""
-    name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    name = names[rng.integers(len(names))]
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     ramp = (math.cos(angle) * (xs / width - 0.5) + math.sin(angle) * (ys / height - 0.5)) * 2
@@ -319,7 +324,7 @@ def _shape_questions(rng, objects, how_many):
 
 def _render_shapes(rng, options):
     width, height = options.image_size
-    bg_name, background = _background(rng, width, height)
+    bg_name, background = _background(rng, width, height, options.backgrounds)
     objects = _place_objects(rng, options, width, height)
     layer = _Layer(width, height)
     for o in objects:
@@ -339,7 +344,7 @@ def _render_shapes(rng, options):
 
 def _render_clock(rng, options):
     width, height = options.image_size
-    bg_name, background = _background(rng, width, height)
+    bg_name, background = _background(rng, width, height, options.backgrounds)
     short = min(width, height)
     radius = short * 0.42
     cx = width / 2 + rng.uniform(-0.04, 0.04) * short
@@ -436,7 +441,7 @@ def parse_options(text: str) -> SyntheticOptions:
         if key == "image_size":
             parts = parts * 2 if len(parts) == 1 else parts
             changes[key] = tuple(int(v) for v in parts)
-        elif key == "kinds":
+        elif key in ("kinds", "backgrounds"):
             changes[key] = tuple(parts)
         elif key == "kind_weights":
             changes[key] = tuple(float(v) for v in parts)

@@ -217,7 +217,18 @@ def test_distinct_types_share_no_colour_and_no_shape():
         assert labels and all(" " in label for label in labels)  # always "colour shapes"
 
 
+def test_backgrounds_option_limits_the_background_colours():
+    options = synthetic.parse_options("grid=4,max_objects=4,backgrounds=light grey+beige,kinds=shapes+clock")
+    assert options.backgrounds == ("light grey", "beige")
+    names = {render_example(options, 2, "train", i)["metadata"]["background"] for i in range(40)}
+    assert names == {"light grey", "beige"}
+    # The default draws from every background, with the same images as before the option existed.
+    default = SyntheticOptions(grid=4, max_objects=4, kinds=("shapes", "clock"), kind_weights=(1.0, 1.0))
+    assert len({render_example(default, 2, "train", i)["metadata"]["background"] for i in range(40)}) == 5
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"backgrounds": ("light grey", "black")}, "backgrounds"),
     ({"image_size": (16, 112)}, "image_size"),
     ({"min_types": 4}, "min_types"),
     ({"min_objects": 4, "max_objects": 2}, "min_objects"),
