@@ -19,7 +19,7 @@ def test_periodic_eval_is_logged(tmp_path):
     evals = [r for r in rows if "eval/val_loss" in r]
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert evals[0]["eval/val_loss"] > 0
-    for key in ("eval/pointing/f1", "eval/counting/accuracy", "eval/vqa/accuracy"):
+    for key in ("eval/pointing/f1", "eval/counting/accuracy", "eval/exact/accuracy"):
         assert 0.0 <= evals[0][key] <= 1.0, key
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
 
