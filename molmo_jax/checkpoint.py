@@ -274,10 +274,10 @@ def stored_params(params_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], np
         # (runs/x/checkpoints/N/params), and the restore below would have nothing to go on.
         meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(
             pathlib.Path(params_dir).absolute()).item_metadata
-        if meta is None:
-            raise WeightsError(f"{params_dir}: orbax checkpoint without parameter metadata")
     except Exception as e:  # orbax raises assorted errors for a damaged directory
         raise WeightsError(f"{params_dir}: not a readable orbax checkpoint ({e})") from None
+    if meta is None:
+        raise WeightsError(f"{params_dir}: orbax checkpoint without parameter metadata")
     return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten_params(dict(meta.tree)).items()}
 
 
