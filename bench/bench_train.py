@@ -1,6 +1,6 @@
 """Training step of the bench-s configuration and workload on this CPU (issue: sharded training).
 
-    .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots]
+    .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
 
 Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32,
 through the real trainer step (one device). Reports the median step time, the peak resident memory
@@ -33,6 +33,7 @@ def main():
                         help="full: faster and 2.7x less memory than none on this CPU (docs/benchmarks.md)")
     parser.add_argument("--max-loss-tokens", type=int, default=1024,
                         help="head applied at this many positions per step (0 = all B x T)")
+    parser.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
@@ -41,6 +42,7 @@ def main():
     c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=args.max_loss_tokens,
                   async_checkpointing=False))
     c.model.remat = args.remat
+    c.model.scan_unroll = args.scan_unroll
     c.optimizer.groups.connector.update(lr=1e-4, warmup=1)
     c.optimizer.groups.vit.update(lr=1e-4, warmup=1)
     c.optimizer.groups.llm.update(lr=1e-4, warmup=1)
@@ -61,7 +63,7 @@ def main():
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
     ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
     common.report("train_step", dict(
-        remat=args.remat, max_loss_tokens=args.max_loss_tokens, seconds=s,
+        remat=args.remat, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens, seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
         peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,
         executed_gflop=ours / 1e9, executed_gflops=ours / s["median"] / 1e9,

@@ -177,7 +177,8 @@ class Decoder(nnx.Module):
             out, layer_cache = block(h, positions, mask, drop_rates, key, layer_cache, cache_index)
             return out, ((h if return_hidden else None), layer_cache)
 
-        x, (hidden, cache) = scan_layers(body, x, self.blocks, xs=(keys, cache), remat=self.cfg.remat)
+        x, (hidden, cache) = scan_layers(body, x, self.blocks, xs=(keys, cache), remat=self.cfg.remat,
+                                         unroll=self.cfg.get("scan_unroll", 1))
         return self.ln_f(x), hidden, cache
 
     def logits(self, h):

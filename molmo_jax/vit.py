@@ -72,19 +72,21 @@ class VisionTransformer(nnx.Module):
         cfg = self.cfg
         layers = config_lib.resolved_vit_layers(cfg)
         x = self.embed(patches)
+        unroll = cfg.get("scan_unroll", 1)  # configs saved before the key existed lack it
 
         def body(carry, block, _):
             out = block(constrain(carry, ("batch", None, "act_embed")))
             return out, (out if return_all_layers else None)
 
         if return_all_layers:
-            _, hidden = scan_layers(body, x, self.blocks, remat=cfg.remat)
+            _, hidden = scan_layers(body, x, self.blocks, remat=cfg.remat, unroll=unroll)
             feats = jnp.concatenate([hidden[i] for i in layers], axis=-1)
             return feats[:, 1:], hidden
         # Run the blocks in segments that end at each needed layer, keeping those outputs.
         outputs, start = {}, 0
         for stop in sorted(set(l + 1 for l in layers)):
-            x, _ = scan_layers(body, x, self.blocks, remat=cfg.remat, start=start, stop=stop)
+            x, _ = scan_layers(body, x, self.blocks, remat=cfg.remat, start=start, stop=stop,
+                                unroll=unroll)
             outputs[stop - 1], start = x, stop
         feats = jnp.concatenate([outputs[i] for i in layers], axis=-1)
         return feats[:, 1:]
