@@ -18,7 +18,8 @@ def demo_model():
     m.init = "fan_in"            # from scratch: keep activations O(1) through the layers
     m.image.max_crops = 1        # 112-px images need one high-res crop (plus the global view)
     # Each object sits centred on one 2x2 pooling window, a quarter of it in each patch; attention
-    # pooling sums the quarters (a circle's and a square's look alike), stacking keeps them apart.
+    # pooling sums the quarters (a circle's and a square's look alike), stacking keeps them apart
+    # (scratch runs with the plain background, two seeds each: pointing F1 0.46 mean vs 0.43).
     m.connector.pooling = "stack"
     m.scan_unroll = 8            # 4-layer ViT and LLM: the unrolled step is ~15% faster on a CPU
     return m

@@ -51,7 +51,8 @@ class SyntheticOptions:
     kinds: tuple[str, ...] = KINDS
     # Background colours drawn from (names of BACKGROUNDS). One plain colour removes a shortcut the
     # demo model took (naming objects' colour after the background's tint); the demo uses one
-    # (+0.04 to +0.07 pointing F1 over two seeds each, docs/benchmarks.md).
+    # (scratch runs, two seeds each: pointing F1 0.43 and 0.42 vs 0.32 and 0.39 with all five;
+    # docs/benchmarks.md).
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     kind_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # mix proportions, aligned with `kinds`
     pointing_per_image: int = 2  # `pointing` conversations per shapes image
