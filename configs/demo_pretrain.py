@@ -29,7 +29,7 @@ def demo_data(c):
     c.data.update(kind="synthetic", synthetic_options=SYNTHETIC_OPTIONS,
                   synthetic_split_sizes="train=4000,validation=100,test=200")
     c.batch_size = 16
-    c.seq_len = 320
+    c.seq_len = 256              # stage 2: an image's conversations with the demo tokenizer, at most ~250
     c.log_every = 10
     c.keep_checkpoints = 1
     c.mesh.update(data=1, fsdp=-1)
@@ -46,7 +46,7 @@ def vision_lr(c, llm_lr=2e-3, vision_lr=2e-4, warmup=30):
 
 def get_config():
     c = demo_data(base.pretrain(demo_model()))
-    c.seq_len = 256              # caption + transcript of a 112-px scene: ~200 tokens
+    c.seq_len = 144              # image tokens + caption + transcript of a 112-px scene: at most ~140
     c.total_steps = 400          # where the model learns to look: colours, shapes, coarse positions
     c.checkpoint_every = 400
     vision_lr(c)

@@ -26,9 +26,15 @@ from __future__ import annotations
 
 import os
 
-TINY_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "molmo_jax", "assets", "tiny_tokenizer")
-BUNDLED_TOKENIZER_MODELS = ("tiny", "demo", "bench_s")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "molmo_jax", "assets")
+TINY_TOKENIZER = os.path.join(_ASSETS, "tiny_tokenizer")
+DEMO_TOKENIZER = os.path.join(_ASSETS, "demo_tokenizer")    # whole words (tools/build_demo_tokenizer.py)
+BUNDLED_TOKENIZERS = {"tiny": TINY_TOKENIZER, "bench_s": TINY_TOKENIZER, "demo": DEMO_TOKENIZER}
+
+
+def bundled_tokenizer(model_name) -> str | None:
+    """The tokenizer folder shipped for a model preset (tiny, bench_s, demo), else None."""
+    return BUNDLED_TOKENIZERS.get(model_name)
 
 
 def _data_option(config, key, default=None):
@@ -40,8 +46,9 @@ def tokenizer_dir(config) -> str:
     path = _data_option(config, "tokenizer")
     if path:
         return str(path)
-    if config.model.get("name") in BUNDLED_TOKENIZER_MODELS:
-        return TINY_TOKENIZER
+    bundled = bundled_tokenizer(config.model.get("name"))
+    if bundled:
+        return bundled
     raise ValueError(f"config.data.tokenizer is not set: give the folder holding the tokenizer.json of "
                      f"{config.model.get('name')!r}'s LLM")
 

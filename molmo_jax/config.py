@@ -158,7 +158,9 @@ def demo():
     """The model `make demo` trains from scratch on the synthetic PixMo (see configs/demo_*.py)."""
     c = tiny()
     c.name = "demo"
-    c.llm.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=256)
+    # vocab: the bundled demo tokenizer (801 whole-word tokens, molmo_jax/assets/demo_tokenizer), padded
+    c.llm.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=256,
+                 vocab_size=1024, embedding_size=1024)
     c.vit.update(width=64, n_layers=4, n_heads=4, head_dim=16, mlp_dim=128, vit_layers=(-1, -3))
     return c
 

@@ -18,18 +18,19 @@ def env():
 
 def test_quick_demo_then_eval_command(tmp_path):
     work = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "tools.demo", "--quick", "--workdir", str(work)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "tools.demo", "--quick", "--seed", "1", "--workdir", str(work)], cwd=ROOT,
                          env=env(), capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     for key in ("pointing_f1", "counting_accuracy", "untrained_pointing_f1", "untrained_counting_accuracy",
                 "wall_seconds", "qa_accuracy", "caption_loss"):
         assert key in report, key
-    assert report["steps"] == {"stage1": 3, "stage2": 3}
+    assert report["steps"] == {"stage1": 3, "stage2": 3} and report["seed_offset"] == 1
     assert report["export_max_abs_logit_diff"] == 0.0  # the exported f32 weights are the same numbers
     assert report["caption_loss"] == report["caption_loss"]  # finite, not NaN
     for f in ("report.md", "predictions.jsonl", "points.png", "export_hf/config.json",
-              "export_hf/model.safetensors.index.json", "stage1/metrics.jsonl", "stage2/metrics.jsonl"):
+              "export_hf/model.safetensors.index.json", "export_hf/tokenizer.json", "stage1/metrics.jsonl",
+              "stage2/metrics.jsonl"):
         assert (work / f).exists(), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(work / "stage2" / "tensorboard"))
 

@@ -23,13 +23,16 @@ import numpy as np
 TASKS = ("synthetic_pointing", "synthetic_counting", "synthetic_qa")
 
 
-def configs(workdir: str, quick: bool):
+def configs(workdir: str, quick: bool, seed: int = 0):
     from configs import demo_pretrain, demo_sft
 
     stages = []
     for module, name in ((demo_pretrain, "stage1"), (demo_sft, "stage2")):
         c = module.get_config()
         c.data.data_dir = os.path.join(workdir, "data")
+        if seed:  # another initialisation and data order; the same data
+            c.seed += seed
+            c.data.seed += seed
         if quick:
             c.total_steps, c.checkpoint_every, c.log_every = 3, 3, 1
             c.batch_size = 4
@@ -112,14 +115,15 @@ def draw_grid(rows, examples, path, n=8, scale=2):
     return path
 
 
-def export_and_reload(stage_dir, export_dir, model, batch_inputs):
-    """Export the final checkpoint to the released HF layout, load it back, compare logits."""
+def export_and_reload(stage_dir, export_dir, model, batch_inputs, tokenizer_dir):
+    """Export the final checkpoint (and its tokenizer) to the released HF layout, load it back,
+    compare logits."""
     import jax.numpy as jnp
 
     from molmo_jax import pretrained
     from molmo_jax.convert.exporter import export_checkpoint
 
-    export_checkpoint(stage_dir, export_dir, overwrite=True)
+    export_checkpoint(stage_dir, export_dir, tokenizer=tokenizer_dir, overwrite=True)
     _, reloaded = pretrained.load_pytorch_dir(export_dir)
     args = [jnp.asarray(batch_inputs[k]) for k in ("input_ids", "images", "image_masks", "image_input_idx")]
     a, b = model(*args)["logits"], reloaded(*args)["logits"]
@@ -131,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
     parser.add_argument("--eval-examples", type=int, default=None, help="test examples per task")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="added to the model and data-order seeds (0 = the shipped run); the data stay the same")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from absl import logging as absl_logging
@@ -144,7 +150,7 @@ def main(argv=None):
     t0 = time.time()
     workdir = args.workdir
     os.makedirs(workdir, exist_ok=True)
-    (n1, c1), (n2, c2) = configs(workdir, args.quick)
+    (n1, c1), (n2, c2) = configs(workdir, args.quick, args.seed)
     n_eval = args.eval_examples or (4 if args.quick else 100)
     print(f"[1/6] synthetic PixMo in {c1.data.data_dir}", file=sys.stderr)
     datasets.ensure_synthetic(c1.data.data_dir, parse_split_sizes(c1.data.synthetic_split_sizes,
@@ -175,7 +181,7 @@ def main(argv=None):
     pre = Preprocessor(c2.model, tokenizer)
     sample = Collator()([pre(examples[0], for_inference=True)])
     export_dir = os.path.join(workdir, "export_hf")
-    logits_diff = export_and_reload(os.path.join(workdir, n2), export_dir, trained, sample)
+    logits_diff = export_and_reload(os.path.join(workdir, n2), export_dir, trained, sample, tokenizer_dir(c2))
 
     report = dict(
         pointing_f1=after["pointing"]["f1"], counting_accuracy=after["counting"]["accuracy"],
@@ -183,7 +189,7 @@ def main(argv=None):
         untrained_pointing_f1=before["pointing"]["f1"], untrained_counting_accuracy=before["counting"]["accuracy"],
         untrained_qa_accuracy=before["exact"]["accuracy"], untrained_caption_loss=loss_before,
         export_max_abs_logit_diff=logits_diff, steps={"stage1": int(t1.step), "stage2": int(t2.step)},
-        eval_examples_per_task=n_eval, parameters=model_lib.count_params(trained),
+        eval_examples_per_task=n_eval, seed_offset=args.seed, parameters=model_lib.count_params(trained),
         wall_seconds=time.time() - t0, quick=args.quick)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

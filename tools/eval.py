@@ -313,9 +313,9 @@ def run_checkpoint(args) -> int:
                   "shards; every batch is replicated instead of split", file=sys.stderr)
     tok_dir = args.tokenizer or next((d for d in (os.path.join(args.checkpoint, "tokenizer"),)
                                       if os.path.isdir(d)), None)
-    if tok_dir is None and cfg.get("name") in ("tiny", "demo", "bench_s"):
-        from input_pipeline import TINY_TOKENIZER
-        tok_dir = TINY_TOKENIZER
+    if tok_dir is None:
+        from input_pipeline import bundled_tokenizer
+        tok_dir = bundled_tokenizer(cfg.get("name"))
     if tok_dir is None:
         raise InputError("no tokenizer: the checkpoint has no tokenizer/ folder; pass --tokenizer DIR")
     tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)

@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 from molmo_jax import torch_format
 
 EXTRA = "molmo_jax"
-TOP_LEVEL = ("name", "dtype", "param_dtype", "remat", "scan_layers", "scan_unroll")
+TOP_LEVEL = ("name", "dtype", "param_dtype", "remat", "scan_unroll")
 
 
 def _jsonable(d: dict) -> dict:
