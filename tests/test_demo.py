@@ -18,8 +18,8 @@ def env():
 
 def test_quick_demo_then_eval_command(tmp_path):
     work = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "tools.demo", "--quick", "--seed", "1", "--workdir", str(work)], cwd=ROOT,
-                         env=env(), capture_output=True, text=True, timeout=1200)
+    run = subprocess.run([sys.executable, "-m", "tools.demo", "--quick", "--seed", "1", "--workdir", str(work)],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     for key in ("pointing_f1", "counting_accuracy", "untrained_pointing_f1", "untrained_counting_accuracy",

@@ -69,3 +69,10 @@ def test_build_tool_trains_a_byte_level_bpe(tmp_path):
     assert len(molmo_tok.encode(" circles")) == 1
     odd = "émoji ✓ and digits 0123"   # bytes never seen in training still round-trip (byte-level)
     assert molmo_tok.decode(molmo_tok.encode(odd)) == odd
+
+
+@pytest.mark.parametrize("size", ["200", "4096"])
+def test_build_tool_rejects_a_vocab_size_the_demo_model_cannot_hold(size, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_demo_tokenizer.main(["--vocab-size", size, "--out", "/nonexistent/never_written"])
+    assert exit_.value.code == 2 and "--vocab-size " + size in capsys.readouterr().err

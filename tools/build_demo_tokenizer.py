@@ -64,15 +64,21 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.build_demo_tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.build_demo_tokenizer",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="runs/demo/data", help="synthetic PixMo folder (built if absent)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--vocab-size", type=int, default=1024, help="at most this many tokens (EOS included)")
     parser.add_argument("--batches", type=int, default=60, help="training batches read per stage")
     args = parser.parse_args(argv)
+    from configs import demo_pretrain
+
+    model_vocab = demo_pretrain.get_config().model.llm.vocab_size
+    if not 257 < args.vocab_size <= model_vocab:  # 256 bytes + EOS; the demo model pads up to its vocab
+        parser.error(f"--vocab-size {args.vocab_size}: must be above 257 (the 256 bytes and EOS) and at "
+                     f"most the demo model's vocab_size {model_vocab} (molmo_jax/config.py demo())")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from configs import demo_pretrain
     from input_pipeline import datasets, synthetic_options
     from input_pipeline.builders.base import parse_split_sizes
 

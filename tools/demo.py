@@ -136,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
     parser.add_argument("--eval-examples", type=int, default=None, help="test examples per task")
     parser.add_argument("--seed", type=int, default=0,
-                        help="added to the model and data-order seeds (0 = the shipped run); the data stay the same")
+                        help="added to the model and data-order seeds (0 = the shipped run; same data)")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from absl import logging as absl_logging
