@@ -65,6 +65,11 @@ class SyntheticOptions:
     # per cell). A grid aligned with the pooled image tokens makes pointing learnable by a tiny model
     # in minutes (the demo); free placement is the harder, more realistic setting.
     grid: int = 0
+    # Order in which a caption and transcript mention a scene's kinds of object: "reading" (top band
+    # first, then left to right) or "random". In reading order the position that follows "a red
+    # circle" is predictable from the order alone; in random order only by finding the red circle
+    # in the image, which is the lookup pointing needs.
+    caption_order: str = "reading"
 
     def __post_init__(self):
         width, height = self.image_size
@@ -92,6 +97,8 @@ class SyntheticOptions:
             problems.append(f"max_bars {self.max_bars} must be within 3..{len(COLOURS)}")
         if self.grid and not (2 <= self.grid <= 16 and self.grid * self.grid >= self.max_objects):
             problems.append(f"grid {self.grid} must be 0 or within 2..16 with grid^2 >= max_objects")
+        if self.caption_order not in ("reading", "random"):
+            problems.append(f"caption_order {self.caption_order!r} must be 'reading' or 'random'")
         if problems:
             raise ValueError("invalid SyntheticOptions: " + "; ".join(problems))
 
@@ -265,8 +272,11 @@ def _points(objects, keep):
     return np.asarray([[o["x"], o["y"]] for o in objects if keep(o)], np.float32).reshape(-1, 2)
 
 
-def _shapes_texts(objects, bg_name, width, height):
+def _shapes_texts(objects, bg_name, width, height, order_rng=None):
+    """Caption and transcript; kinds in reading order, or shuffled by `order_rng` when given."""
     types = list(dict.fromkeys((o["colour"], o["shape"]) for o in objects))
+    if order_rng is not None:
+        types = [types[i] for i in order_rng.permutation(len(types))]
     n = len(objects)
     sentences = [f"The image shows {NUMBER_WORDS[n]} shape{'s' if n > 1 else ''} on a {bg_name} background."]
     for colour, shape in types:
@@ -331,7 +341,8 @@ def _render_shapes(rng, options):
     layer = _Layer(width, height)
     for o in objects:
         layer.shape(o["shape"], o["x"], o["y"], o["radius"], o["rotation"], COLOURS[o["colour"]])
-    caption, transcript = _shapes_texts(objects, bg_name, width, height)
+    caption, transcript = _shapes_texts(objects, bg_name, width, height,
+                                        rng if options.caption_order == "random" else None)
     conversations = [{"style": "long_caption", "text": caption}, {"style": "transcript", "text": transcript}]
     conversations += _point_conversations(rng, objects, "pointing", options.pointing_per_image,
                                           options.absent_label_rate)

@@ -227,7 +227,28 @@ def test_backgrounds_option_limits_the_background_colours():
     assert len({render_example(default, 2, "train", i)["metadata"]["background"] for i in range(40)}) == 5
 
 
+def test_caption_order_random_shuffles_the_kinds_and_keeps_the_sentences():
+    """caption_order=random: the same scene, the same sentences, the kinds in another order for some
+    scenes (never for reading order, the default: the first kind mentioned is the top-left-most)."""
+    reading = SyntheticOptions(grid=4, max_objects=4, min_types=2, kinds=("shapes",), kind_weights=(1.0,))
+    shuffled = dataclasses.replace(reading, caption_order="random")
+    moved = 0
+    sentences = lambda text: sorted(filter(None, (t.strip() for t in text.split("."))))
+    for i in range(60):
+        a, b = render_example(reading, 5, "train", i), render_example(shuffled, 5, "train", i)
+        assert a["metadata"]["objects"] == b["metadata"]["objects"] and np.array_equal(a["image"], b["image"])
+        caption_a, caption_b = a["message_list"][0]["text"], b["message_list"][0]["text"]
+        assert sentences(caption_a) == sentences(caption_b)
+        first = a["metadata"]["objects"][0]  # objects are stored in reading order
+        assert f"{first['colour']} {first['shape']}" in caption_a.split(". ")[1] or \
+            f"{first['colour']} {synthetic._plural(first['shape'])}" in caption_a.split(". ")[1]
+        moved += caption_a != caption_b
+        assert render_example(shuffled, 5, "train", i)["message_list"][0]["text"] == caption_b
+    assert 15 < moved < 60
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"caption_order": "alphabetical"}, "caption_order"),
     ({"backgrounds": ("light grey", "black")}, "backgrounds"),
     ({"image_size": (16, 112)}, "image_size"),
     ({"min_types": 4}, "min_types"),
