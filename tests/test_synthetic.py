@@ -15,6 +15,7 @@ from input_pipeline.synthetic import COLOURS, SHAPES, SyntheticOptions, render_e
 OPTIONS = SyntheticOptions()
 TEXT_FIELDS = {"long_caption": ("text",), "transcript": ("text",), "user_qa": ("question", "answer"),
                "clocks": ("question", "answer"), "pixmo_docs_charts": ("question", "answer")}
+KIND = re.compile(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})")  # "red circle" ("red circles" too)
 LABEL = re.compile(rf"^(({'|'.join(COLOURS)}) )?({'|'.join(synthetic._plural(s) for s in SHAPES)})$")
 
 
@@ -228,8 +229,9 @@ def test_backgrounds_option_limits_the_background_colours():
 
 
 def test_caption_order_random_shuffles_the_kinds_and_keeps_the_sentences():
-    """caption_order=random: the same scene, the same sentences, the kinds in another order for some
-    scenes (never for reading order, the default: the first kind mentioned is the top-left-most)."""
+    """caption_order=random: the same scene and the same sentences, with the kinds named in another
+    order in some scenes, the transcript in the caption's order. The default (reading order) names
+    the top-left-most object's kind first."""
     reading = SyntheticOptions(grid=4, max_objects=4, min_types=2, kinds=("shapes",), kind_weights=(1.0,))
     shuffled = dataclasses.replace(reading, caption_order="random")
     moved = 0
@@ -243,6 +245,9 @@ def test_caption_order_random_shuffles_the_kinds_and_keeps_the_sentences():
         assert f"{first['colour']} {first['shape']}" in caption_a.split(". ")[1] or \
             f"{first['colour']} {synthetic._plural(first['shape'])}" in caption_a.split(". ")[1]
         moved += caption_a != caption_b
+        kinds = [m.group(0) for m in KIND.finditer(caption_b.split(". ", 1)[1])]
+        transcript_kinds = [m.group(0) for m in KIND.finditer(b["message_list"][1]["text"])]
+        assert list(dict.fromkeys(transcript_kinds)) == list(dict.fromkeys(kinds))
         assert render_example(shuffled, 5, "train", i)["message_list"][0]["text"] == caption_b
     assert 15 < moved < 60
 
