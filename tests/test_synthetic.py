@@ -234,6 +234,7 @@ def test_caption_order_random_shuffles_the_kinds_and_keeps_the_sentences():
     the top-left-most object's kind first."""
     reading = SyntheticOptions(grid=4, max_objects=4, min_types=2, kinds=("shapes",), kind_weights=(1.0,))
     shuffled = dataclasses.replace(reading, caption_order="random")
+    assert synthetic.parse_options("grid=4,caption_order=random").caption_order == "random"  # config strings
     moved = 0
     sentences = lambda text: sorted(filter(None, (t.strip() for t in text.split("."))))
     for i in range(60):
