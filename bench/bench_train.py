@@ -26,6 +26,33 @@ from molmo_jax import trainer as trainer_lib
 ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # shared/bench/README.md
 
 
+def build_step(remat: str, scan_unroll: int, max_loss_tokens: int):
+    """The bench-s config and a function running one real trainer step on one device (blocks until done)."""
+    c = base.base(config_lib.bench_s(), "sft")
+    c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=max_loss_tokens,
+                  async_checkpointing=False))
+    c.model.remat = remat
+    c.model.scan_unroll = scan_unroll
+    for group in ("connector", "vit", "llm"):
+        c.optimizer.groups[group].update(lr=1e-4, warmup=1)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
+    trainer = trainer_lib.Trainer(c, tempfile.mkdtemp(), mesh=mesh)
+    batch = trainer._global_batch(next(RandomBatches(c.model, BATCH, SEQ_LEN)))
+    state = {"params": trainer.params, "opt": trainer.opt_state, "i": 0}
+
+    def step():
+        with sharding.use_mesh(mesh):
+            p, o, m = trainer._step(state["params"], state["opt"], batch, jnp.int32(state["i"]))
+        jax.block_until_ready(m["loss"])
+        state.update(params=p, opt=o, i=state["i"] + 1)
+
+    def compiled_text():
+        with sharding.use_mesh(mesh):
+            return trainer._step.lower(state["params"], state["opt"], batch, jnp.int32(0)).compile().as_text()
+    step.compiled_text = compiled_text  # the optimised HLO, for bench/profile_train.py
+    return c, step
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
@@ -38,26 +65,7 @@ def main():
 
     jax_rate = common.matmul_gflops("jax")
     torch_rate = common.matmul_gflops("torch")
-    c = base.base(config_lib.bench_s(), "sft")
-    c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=args.max_loss_tokens,
-                  async_checkpointing=False))
-    c.model.remat = args.remat
-    c.model.scan_unroll = args.scan_unroll
-    c.optimizer.groups.connector.update(lr=1e-4, warmup=1)
-    c.optimizer.groups.vit.update(lr=1e-4, warmup=1)
-    c.optimizer.groups.llm.update(lr=1e-4, warmup=1)
-    mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
-    trainer = trainer_lib.Trainer(c, tempfile.mkdtemp(), mesh=mesh)
-    data = RandomBatches(c.model, BATCH, SEQ_LEN)
-    batch = trainer._global_batch(next(data))
-    state = {"params": trainer.params, "opt": trainer.opt_state, "i": 0}
-
-    def step():
-        with sharding.use_mesh(mesh):
-            p, o, m = trainer._step(state["params"], state["opt"], batch, jnp.int32(state["i"]))
-        jax.block_until_ready(m["loss"])
-        state.update(params=p, opt=o, i=state["i"] + 1)
-
+    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens)
     times = common.time_runs(step, args.runs, warmup=2)
     s = common.summary(times)
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH

@@ -172,6 +172,25 @@ def rope(x, positions, theta: float):
     return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+@jax.custom_jvp
+def softmax(x):
+    """Softmax over the last axis whose derivative reads only its output: dy = y * (dx - sum(y dx)).
+
+    jax.nn.softmax differentiates through exp, sum and divide unless the global flag
+    `jax_softmax_custom_jvp` is set, so its backward pass streams several T x T tensors through memory
+    per attention layer; with this rule it streams one. On bench-s's ViT attention (20 crops x 4 heads
+    x 577^2 scores) forward + backward is ~25% faster on a CPU (docs/benchmarks.md)."""
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 def attend(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None):
     """Multi-head attention core with grouped-query heads, softmax in float32.
 
@@ -187,7 +206,7 @@ def attend(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None):
     scores = scores * (1.0 / math.sqrt(hd))
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax(scores)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
