@@ -70,6 +70,10 @@ class SyntheticOptions:
     # circle" is predictable from the order alone; in random order only by finding the red circle
     # in the image, which is the lookup pointing needs.
     caption_order: str = "reading"
+    # How a caption says where an object is: "thirds" (a coarse 3x3 phrase: "at the top left") or
+    # "grid" (the object's cell when `grid` is set: "in row two, column three"). On a 4 x 4 grid the
+    # thirds phrase calls both middle columns "center"; the grid phrase names every cell apart.
+    caption_positions: str = "thirds"
 
     def __post_init__(self):
         width, height = self.image_size
@@ -99,6 +103,11 @@ class SyntheticOptions:
             problems.append(f"grid {self.grid} must be 0 or within 2..16 with grid^2 >= max_objects")
         if self.caption_order not in ("reading", "random"):
             problems.append(f"caption_order {self.caption_order!r} must be 'reading' or 'random'")
+        if self.caption_positions not in ("thirds", "grid"):
+            problems.append(f"caption_positions {self.caption_positions!r} must be 'thirds' or 'grid'")
+        elif self.caption_positions == "grid" and not 2 <= self.grid < len(NUMBER_WORDS):
+            problems.append(f"caption_positions 'grid' needs grid within 2..{len(NUMBER_WORDS) - 1} (grid is "
+                            f"{self.grid})")
         if problems:
             raise ValueError("invalid SyntheticOptions: " + "; ".join(problems))
 
@@ -217,6 +226,12 @@ def _position(x, y, width, height):
     return f"at the {row}" if col == "center" else f"at the {row} {col}"
 
 
+def _grid_position(x, y, width, height, grid):
+    """The N x N grid cell an object is centred in, e.g. 'in row two, column three' (from the top left)."""
+    row, col = min(int(y * grid // height), grid - 1), min(int(x * grid // width), grid - 1)
+    return f"in row {NUMBER_WORDS[row + 1]}, column {NUMBER_WORDS[col + 1]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Shapes scenes
 
@@ -272,8 +287,13 @@ def _points(objects, keep):
     return np.asarray([[o["x"], o["y"]] for o in objects if keep(o)], np.float32).reshape(-1, 2)
 
 
-def _shapes_texts(objects, bg_name, width, height, order_rng=None):
-    """Caption and transcript; kinds in reading order, or shuffled by `order_rng` when given."""
+def _shapes_texts(objects, bg_name, width, height, order_rng=None, grid=0):
+    """Caption and transcript; kinds in reading order, or shuffled by `order_rng` when given;
+    positions as grid cells when `grid` is given, else as 3x3 phrases."""
+    def where(o):
+        return _grid_position(o["x"], o["y"], width, height, grid) if grid else \
+            _position(o["x"], o["y"], width, height)
+
     types = list(dict.fromkeys((o["colour"], o["shape"]) for o in objects))
     if order_rng is not None:
         types = [types[i] for i in order_rng.permutation(len(types))]
@@ -283,9 +303,9 @@ def _shapes_texts(objects, bg_name, width, height, order_rng=None):
         members = [o for o in objects if (o["colour"], o["shape"]) == (colour, shape)]
         if len(members) == 1:
             o = members[0]
-            sentences.append(f"There is a {o['size']} {colour} {shape} {_position(o['x'], o['y'], width, height)}.")
+            sentences.append(f"There is a {o['size']} {colour} {shape} {where(o)}.")
         else:
-            parts = [f"a {o['size']} one {_position(o['x'], o['y'], width, height)}" for o in members]
+            parts = [f"a {o['size']} one {where(o)}" for o in members]
             sentences.append(f"There are {_count_phrase(len(members), colour, shape)}: {_join(parts)}.")
     for shape in dict.fromkeys(s for _, s in types):
         colours = {c for c, s in types if s == shape}
@@ -342,7 +362,8 @@ def _render_shapes(rng, options):
     for o in objects:
         layer.shape(o["shape"], o["x"], o["y"], o["radius"], o["rotation"], COLOURS[o["colour"]])
     caption, transcript = _shapes_texts(objects, bg_name, width, height,
-                                        rng if options.caption_order == "random" else None)
+                                        rng if options.caption_order == "random" else None,
+                                        options.grid if options.caption_positions == "grid" else 0)
     conversations = [{"style": "long_caption", "text": caption}, {"style": "transcript", "text": transcript}]
     conversations += _point_conversations(rng, objects, "pointing", options.pointing_per_image,
                                           options.absent_label_rate)

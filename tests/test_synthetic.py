@@ -252,8 +252,31 @@ def test_caption_order_random_shuffles_the_kinds_and_keeps_the_sentences():
     assert 15 < moved < 60
 
 
+def test_caption_positions_grid_names_each_objects_cell():
+    """caption_positions=grid: every object's sentence names its own cell (row from the top, column
+    from the left), which the 3x3 phrases cannot on a 4 x 4 grid; the scene itself is unchanged."""
+    thirds = SyntheticOptions(grid=4, max_objects=4, min_types=2, kinds=("shapes",), kind_weights=(1.0,))
+    cells = synthetic.parse_options("grid=4,max_objects=4,min_types=2,kinds=shapes,caption_positions=grid")
+    width, height = cells.image_size
+    named = set()
+    for i in range(40):
+        a, b = render_example(thirds, 3, "train", i), render_example(cells, 3, "train", i)
+        assert a["metadata"] == b["metadata"] and np.array_equal(a["image"], b["image"])
+        caption = b["message_list"][0]["text"]
+        assert " column " not in a["message_list"][0]["text"]
+        for o in b["metadata"]["objects"]:
+            row, col = int(o["y"] * 4 // height) + 1, int(o["x"] * 4 // width) + 1
+            phrase = f"in row {synthetic.NUMBER_WORDS[row]}, column {synthetic.NUMBER_WORDS[col]}"
+            assert phrase in caption, (phrase, caption)
+            named.add((row, col))
+        assert caption.count(" column ") == len(b["metadata"]["objects"])
+    assert len(named) == 16        # all cells, the two middle columns among them
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"caption_order": "alphabetical"}, "caption_order"),
+    ({"caption_positions": "exact"}, "caption_positions"),
+    ({"caption_positions": "grid", "grid": 0}, "needs grid"),
     ({"backgrounds": ("light grey", "black")}, "backgrounds"),
     ({"image_size": (16, 112)}, "image_size"),
     ({"min_types": 4}, "min_types"),
