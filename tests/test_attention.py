@@ -12,7 +12,8 @@ def test_softmax_matches_jax_and_its_derivatives_are_right():
     x = x.at[0, 0].set(jnp.finfo(jnp.float32).min).at[1, 1, :3].set(jnp.finfo(jnp.float32).min)  # masked
     np.testing.assert_allclose(layers.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
     y = jax.random.normal(jax.random.key(1), (2, 4, 6))
-    check_grads(layers.softmax, (y,), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)  # vs finite differences
+    # against finite differences, which in float32 agree to ~1e-3 at best
+    check_grads(layers.softmax, (y,), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
     w = jax.random.normal(jax.random.key(2), y.shape)
     ours = jax.grad(lambda y: (layers.softmax(y) * w).sum())(y)
     theirs = jax.grad(lambda y: (jax.nn.softmax(y, axis=-1) * w).sum())(y)
