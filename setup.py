@@ -44,6 +44,8 @@ setup(
     description="Molmo vision-language models in JAX/Flax: training, conversion, inference.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["molmo_jax*", "input_pipeline*", "tools*", "configs*"]),
+    # the bundled tokenizers (tiny and demo models): without them an installed copy cannot run the demo
+    package_data={"molmo_jax": ["assets/README.md", "assets/*/*.json"]},
     install_requires=CORE,
     extras_require=EXTRAS,
 )
