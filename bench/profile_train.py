@@ -129,6 +129,8 @@ def main():
     parser.add_argument("--max-loss-tokens", type=int, default=1024)
     parser.add_argument("--top", type=int, default=25, help="slowest operations listed")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: trace at least one step")
 
     import jax
 
@@ -151,13 +153,13 @@ def main():
     total = sum(r[0] for r in rows)
     print(f"wall time per step {wall:.2f} s (traced, {args.steps} steps); sum of op times per step "
           f"{total:.2f} s; {len(rows)} distinct ops")
-    groups = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+    groups = collections.defaultdict(lambda: [0.0, 0.0])  # [seconds, FLOPs]
     for sec, _, fl, _, place in rows:
         key = (place, "matmul" if fl else "other")
         groups[key][0] += sec
         groups[key][1] += fl
     print("\n| where | kind | s per step | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|---|")
-    for (place, kind), (sec, fl, _) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+    for (place, kind), (sec, fl) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         if sec >= 0.005 * total:
             rate = f"{fl / sec / 1e9:.0f}" if fl else ""
             print(f"| {place} | {kind} | {sec:.3f} | {sec / total:.1%} | {fl / 1e9:.1f} | {rate} |")
