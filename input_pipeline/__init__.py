@@ -62,18 +62,22 @@ def synthetic_options(config):
     return parse_options(str(text))
 
 
+def synthetic_split_sizes(config) -> dict[str, int] | None:
+    """config.data.synthetic_split_sizes ("train=4000,test=200") as {split: size} (None = builder default)."""
+    text = _data_option(config, "synthetic_split_sizes")
+    if not text:
+        return None
+    from input_pipeline.builders.base import parse_split_sizes
+    return parse_split_sizes(str(text), ("train", "validation", "test"))
+
+
 def _sources(config):
     """[(DatasetSpec, folder)], sizes, groups for the configured data kind."""
     from input_pipeline import datasets, mixtures
 
     data_dir = str(_data_option(config, "data_dir", datasets.default_data_dir()))
     if config.data.kind == "synthetic":
-        sizes_text = _data_option(config, "synthetic_split_sizes")
-        sizes = None
-        if sizes_text:
-            from input_pipeline.builders.base import parse_split_sizes
-            sizes = parse_split_sizes(str(sizes_text), ("train", "validation", "test"))
-        folder = datasets.ensure_synthetic(data_dir, sizes, synthetic_options(config))
+        folder = datasets.ensure_synthetic(data_dir, synthetic_split_sizes(config), synthetic_options(config))
         mixture = "synthetic_pretrain" if config.stage == "pretrain" else "synthetic_sft"
         groups = mixtures.MIXTURES[mixture]
         folders = {name: folder for name in mixtures.dataset_names(groups)}

@@ -22,6 +22,9 @@ def test_periodic_eval_is_logged(tmp_path):
     for key in ("eval/pointing/f1", "eval/counting/accuracy", "eval/exact/accuracy"):
         assert 0.0 <= evals[0][key] <= 1.0, key
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    # The evaluation reads the dataset the training built (its split sizes), not a second build.
+    built = [p.parent.name for p in (tmp_path / "data").rglob("dataset_info.json")]
+    assert len(built) == 1, built
 
 
 def test_bad_training_data_is_one_line_before_any_work(tmp_path):

@@ -79,13 +79,10 @@ def main(argv=None):
                      f"most the demo model's vocab_size {model_vocab} (molmo_jax/config.py demo())")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from input_pipeline import datasets, synthetic_options
-    from input_pipeline.builders.base import parse_split_sizes
+    from input_pipeline import datasets, synthetic_options, synthetic_split_sizes
 
     c = demo_pretrain.get_config()
-    datasets.ensure_synthetic(args.data_dir, parse_split_sizes(c.data.synthetic_split_sizes,
-                                                               ("train", "validation", "test")),
-                              synthetic_options(c))
+    datasets.ensure_synthetic(args.data_dir, synthetic_split_sizes(c), synthetic_options(c))
     texts = training_texts(args.data_dir, args.batches)
     tok = train_tokenizer(texts, args.vocab_size)
     os.makedirs(args.out, exist_ok=True)

@@ -44,16 +44,14 @@ def configs(workdir: str, quick: bool, seed: int = 0):
 def evaluate(model, tokenizer, c, n_examples: int, bar_desc: str):
     from tqdm import tqdm
 
-    from input_pipeline import synthetic_options
-    from input_pipeline.builders.base import parse_split_sizes
+    from input_pipeline import synthetic_options, synthetic_split_sizes
     from input_pipeline.evaluation import make_eval_examples
     from molmo_jax import evaluate as eval_lib
 
-    sizes = parse_split_sizes(c.data.synthetic_split_sizes, ("train", "validation", "test"))
     examples = []
     for task in TASKS:
-        examples += list(make_eval_examples(task, "test", c.data.data_dir, limit=n_examples, split_sizes=sizes,
-                                            options=synthetic_options(c)))
+        examples += list(make_eval_examples(task, "test", c.data.data_dir, limit=n_examples,
+                                            split_sizes=synthetic_split_sizes(c), options=synthetic_options(c)))
     # The demo's bar: a predicted point is a hit within 5% of the image size of a true point.
     settings = eval_lib.EvalSettings(batch_size=16, distance_fraction=0.05, seq_buckets=(c.seq_len,))
     with tqdm(total=len(examples), desc=bar_desc, unit="ex", file=sys.stderr) as bar:
@@ -142,8 +140,7 @@ def main(argv=None):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
 
-    from input_pipeline import datasets, synthetic_options, tokenizer_dir
-    from input_pipeline.builders.base import parse_split_sizes
+    from input_pipeline import datasets, synthetic_options, synthetic_split_sizes, tokenizer_dir
     from molmo_jax import model as model_lib
     from molmo_jax.preprocess import Collator, MolmoTokenizer, Preprocessor
 
@@ -153,9 +150,7 @@ def main(argv=None):
     (n1, c1), (n2, c2) = configs(workdir, args.quick, args.seed)
     n_eval = args.eval_examples or (4 if args.quick else 100)
     print(f"[1/6] synthetic PixMo in {c1.data.data_dir}", file=sys.stderr)
-    datasets.ensure_synthetic(c1.data.data_dir, parse_split_sizes(c1.data.synthetic_split_sizes,
-                                                                  ("train", "validation", "test")),
-                              synthetic_options(c1))
+    datasets.ensure_synthetic(c1.data.data_dir, synthetic_split_sizes(c1), synthetic_options(c1))
     tokenizer = MolmoTokenizer(tokenizer_dir(c2), c2.model.llm.vocab_size)
 
     print("[2/6] evaluating the untrained model", file=sys.stderr)

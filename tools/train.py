@@ -176,8 +176,11 @@ def make_evaluator(config):
     examples = []
     if config.data.kind == "synthetic":
         for task in config.eval_tasks:
+            # The sizes and options of the training data: the same dataset, not a second build.
             examples += list(make_eval_examples(task, "validation", config.data.data_dir or None,
-                                                limit=config.eval_examples, options=input_pipeline.synthetic_options(config)))
+                                                limit=config.eval_examples,
+                                                split_sizes=input_pipeline.synthetic_split_sizes(config),
+                                                options=input_pipeline.synthetic_options(config)))
     settings = evaluate.EvalSettings(batch_size=min(16, config.batch_size), seq_buckets=(config.seq_len,))
 
     def run(model):
