@@ -302,3 +302,51 @@ def test_compile_cache_is_keyed_by_the_lowered_program(tmp_path):
                                                           XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "True", "True", "True", "True", "not", "cached"]
+
+
+_ALTERNATIVES_SCRIPT = """
+from configs import tiny_sft
+from molmo_jax import aot
+from tools import aot as aot_tool
+
+class FakeCompiler:
+    # Stands in for CachedCompiler: a report per variant from a table of (remat, tensor) -> (fits, step).
+    aot = aot
+    def __init__(self, table, cached=None):
+        self.table, self.cached, self.calls = table, cached, []
+    def __call__(self, config, topology):
+        key = (config.model.remat, config.mesh.tensor)
+        self.calls.append(key)
+        if self.cached is not None and key not in self.cached:
+            raise aot_tool.NotCached(str(key))
+        fits, step = self.table[key]
+        return dict(topology=topology, mesh=dict(config.mesh), remat=key[0], fits=fits,
+                    roofline=dict(step_s=step), peak_bytes_per_device=1.0)
+
+cfg = tiny_sft.get_config()  # 4 heads: on v5p-8 (4 chips) the lean variant splits tensor=4
+lean = dict(topology="v5p-8", mesh=dict(data=1, fsdp=1, tensor=4, expert=1), remat="full", fits=True,
+            roofline=dict(step_s=3.0), peak_bytes_per_device=1.0)
+log = lambda *a: None
+for name, table, cached in (
+        ("fsdp", {("dots", 4): (True, 2.0), ("full", 1): (True, 1.0)}, None),
+        ("dots", {("dots", 4): (True, 2.0), ("full", 1): (False, 0.5)}, None),
+        ("lean", {("dots", 4): (False, 1.0), ("full", 1): (False, 0.5)}, None),
+        ("cached_only", {("dots", 4): (True, 2.0), ("full", 1): (True, 1.0)}, {("dots", 4)})):
+    run = FakeCompiler(table, cached)
+    best, tried = aot_tool.try_alternatives(cfg, lean, [lean], run, log)
+    print(name, best["remat"], best["mesh"]["tensor"], best["roofline"]["step_s"], len(tried), sorted(run.calls))
+"""
+
+
+def test_search_keeps_the_fastest_variant_that_fits():
+    """tools.aot's search: on the slice where the leanest variant fits it also compiles `dots` remat
+    and plain FSDP; the fastest one that fits wins, a faster one that does not fit never does, and
+    under --cached_only a variant not compiled yet is left out, not an error. (Subprocess: see above.)"""
+    out = subprocess.run([sys.executable, "-c", _ALTERNATIVES_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = out.stdout.strip().splitlines()
+    assert rows == ["fsdp full 1 1.0 3 [('dots', 4), ('full', 1)]",
+                    "dots dots 4 2.0 3 [('dots', 4), ('full', 1)]",
+                    "lean full 4 3.0 3 [('dots', 4), ('full', 1)]",
+                    "cached_only dots 4 2.0 2 [('dots', 4), ('full', 1)]"], rows
