@@ -1,10 +1,13 @@
 """Training step of the bench-s configuration and workload on this CPU (issue: sharded training).
 
     .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
+                                          [--dtype float32|bfloat16]
 
 Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32,
 through the real trainer step (one device). Reports the median step time, the peak resident memory
-of this process, and the model FLOP rate against this CPU's f32 matmul rate measured in the same run.
+of this process, and the model FLOP rate against this CPU's matmul rate measured in the same run.
+`--dtype bfloat16` computes in bf16 (parameters and optimizer state stay f32); its rate is then set
+against the bf16 matmul rate as well as the f32 one.
 """
 from __future__ import annotations
 
@@ -26,13 +29,14 @@ from molmo_jax import trainer as trainer_lib
 ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # shared/bench/README.md
 
 
-def build_step(remat: str, scan_unroll: int, max_loss_tokens: int):
+def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32"):
     """The bench-s config and a function running one real trainer step on one device (blocks until done)."""
     c = base.base(config_lib.bench_s(), "sft")
     c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=max_loss_tokens,
                   async_checkpointing=False))
     c.model.remat = remat
     c.model.scan_unroll = scan_unroll
+    c.model.dtype = dtype
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=1e-4, warmup=1)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
@@ -61,24 +65,28 @@ def main():
     parser.add_argument("--max-loss-tokens", type=int, default=1024,
                         help="head applied at this many positions per step (0 = all B x T)")
     parser.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
     torch_rate = common.matmul_gflops("torch")
-    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens)
+    bf16_rate = common.matmul_gflops("jax", "bfloat16") if args.dtype == "bfloat16" else None
+    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype)
     times = common.time_runs(step, args.runs, warmup=2)
     s = common.summary(times)
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
     ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
     common.report("train_step", dict(
-        remat=args.remat, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens, seconds=s,
+        remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens, seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
         peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,
         executed_gflop=ours / 1e9, executed_gflops=ours / s["median"] / 1e9,
         original_count_gflops=ORIGINAL_STEP_TFLOP * 1e3 / s["median"],
         jax_matmul_gflops=jax_rate, torch_matmul_gflops=torch_rate,
         mfu_vs_jax_matmul=ours / s["median"] / 1e9 / jax_rate,
-        original_count_vs_jax_matmul=ORIGINAL_STEP_TFLOP * 1e3 / s["median"] / jax_rate))
+        original_count_vs_jax_matmul=ORIGINAL_STEP_TFLOP * 1e3 / s["median"] / jax_rate,
+        **({} if bf16_rate is None else dict(jax_bf16_matmul_gflops=bf16_rate,
+                                             mfu_vs_jax_bf16_matmul=ours / s["median"] / 1e9 / bf16_rate))))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import time
 MATMUL_N = 2048
 
 _JAX_MATMUL = f"""
-import time, jax, jax.numpy as jnp
-n = {MATMUL_N}
-a = jax.random.normal(jax.random.key(0), (n, n)); b = jax.random.normal(jax.random.key(1), (n, n))
+import sys, time, jax, jax.numpy as jnp
+n, dtype = {MATMUL_N}, sys.argv[1]
+a = jax.random.normal(jax.random.key(0), (n, n), dtype); b = jax.random.normal(jax.random.key(1), (n, n), dtype)
 f = jax.jit(lambda a, b: a @ b); f(a, b).block_until_ready()
 ts = []
 for _ in range(10):
@@ -32,10 +32,11 @@ ts.sort(); print(2 * n ** 3 / ts[len(ts) // 2] / 1e9)
 """
 
 
-def matmul_gflops(framework: str) -> float:
-    """Median f32 {MATMUL_N}^3 matmul rate, measured in a subprocess (keeps this process's RSS clean)."""
+def matmul_gflops(framework: str, dtype: str = "float32") -> float:
+    """Median {MATMUL_N}^3 matmul rate, measured in a subprocess (keeps this process's RSS clean);
+    `dtype` (jax only): float32 or bfloat16 (fast on CPUs with AVX512_BF16, slow without)."""
     code = _JAX_MATMUL if framework == "jax" else _TORCH_MATMUL
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, dtype], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
