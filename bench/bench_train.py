@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
                                           [--dtype float32|bfloat16]
 
-Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32,
-through the real trainer step (one device). Reports the median step time, the peak resident memory
+Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32
+(unless `--dtype`), through the real trainer step (one device). Reports the median step time, the peak resident memory
 of this process, and the model FLOP rate against this CPU's matmul rate measured in the same run.
 `--dtype bfloat16` computes in bf16 (parameters and optimizer state stay f32); its rate is then set
 against the bf16 matmul rate as well as the f32 one.
@@ -65,7 +65,7 @@ def main():
     parser.add_argument("--max-loss-tokens", type=int, default=1024,
                         help="head applied at this many positions per step (0 = all B x T)")
     parser.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=common.MATMUL_DTYPES, help="compute dtype")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
@@ -77,7 +77,8 @@ def main():
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
     ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
     common.report("train_step", dict(
-        remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens, seconds=s,
+        remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens,
+        seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
         peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,
         executed_gflop=ours / 1e9, executed_gflops=ours / s["median"] / 1e9,

@@ -32,9 +32,14 @@ ts.sort(); print(2 * n ** 3 / ts[len(ts) // 2] / 1e9)
 """
 
 
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
 def matmul_gflops(framework: str, dtype: str = "float32") -> float:
-    """Median {MATMUL_N}^3 matmul rate, measured in a subprocess (keeps this process's RSS clean);
-    `dtype` (jax only): float32 or bfloat16 (fast on CPUs with AVX512_BF16, slow without)."""
+    """Median MATMUL_N^3 matmul rate, measured in a subprocess (keeps this process's RSS clean).
+    `dtype` float32 or, for jax only, bfloat16 (session 11: no faster than f32 even with AVX512_BF16)."""
+    if dtype not in MATMUL_DTYPES or (framework != "jax" and dtype != "float32"):
+        raise ValueError(f"matmul_gflops: no {dtype!r} rate for {framework!r} (jax: {MATMUL_DTYPES}, torch: float32)")
     code = _JAX_MATMUL if framework == "jax" else _TORCH_MATMUL
     out = subprocess.run([sys.executable, "-c", code, dtype], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
