@@ -33,7 +33,7 @@ from bench import common  # noqa: E402
 from input_pipeline import random_data as workload  # noqa: E402
 from molmo_jax import config as config_lib  # noqa: E402
 from molmo_jax import generate as gen_lib  # noqa: E402
-from molmo_jax import model as model_lib  # noqa: E402
+from molmo_jax import models as model_lib  # noqa: E402
 
 ORIGINAL_PREFILL_S = 1.03        # shared/bench/README.md, batch 1
 ORIGINAL_TOKEN_S = 0.076         # = 13 tokens/s

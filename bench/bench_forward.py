@@ -17,8 +17,9 @@ from flax import nnx
 from bench import common
 from input_pipeline import random_data as workload
 from molmo_jax import config as config_lib
-from molmo_jax import flops as flops_lib
-from molmo_jax import model as model_lib
+from molmo_jax.analysis import flops as flops_lib
+from molmo_jax import losses
+from molmo_jax import models as model_lib
 
 ORIGINAL_FORWARD_S = 4.50  # shared/bench/README.md
 
@@ -42,8 +43,8 @@ def main():
         out = m(b["input_ids"], b["images"], b["image_masks"], b["image_input_idx"],
                 return_logits=args.head == "all")
         if args.head == "all":
-            return model_lib.loss_fn(out, b["target_tokens"], b["loss_masks"])[0]
-        return model_lib.sparse_loss(m, out["hidden"], b["target_tokens"], b["loss_masks"], max_loss)[0]
+            return losses.loss_fn(out, b["target_tokens"], b["loss_masks"])[0]
+        return losses.sparse_loss(m.llm.logits, out["hidden"], b["target_tokens"], b["loss_masks"], max_loss)[0]
 
     batch = jax.device_put(batch)
     times = common.time_runs(lambda: forward(state, batch).block_until_ready(), args.runs)

@@ -10,7 +10,7 @@ setting (process start-up) is not timed. The tokenizer is the bundled tiny byte-
 Qwen2's vocabulary (the real one is not on this machine), which yields more, not fewer, tokens.
 
 It also prints what one v5p host (4 chips) consumes at a given MFU, from the model FLOPs of
-`molmo_jax.flops`, and the worker processes (cores) that takes at the measured per-worker rate.
+`molmo_jax.analysis.flops`, and the worker processes (cores) that takes at the measured per-worker rate.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def bare_preprocess_ms(data_dir: str, n: int) -> float:
 
 def v5p_demand(mfu: float, crops: int = 7, seq_len: int = 2304) -> dict:
     """Examples/s one v5p host (4 chips at 459 TFLOP/s bf16) trains through at `mfu`."""
-    from molmo_jax import config as config_lib, flops
+    from molmo_jax import config as config_lib
+    from molmo_jax.analysis import flops
 
     host = 4 * flops.PEAK_FLOPS["tpu v5p"] * mfu
     return {name: host / flops.train_step_flops(config_lib.get_config(name), 1, seq_len, crops)

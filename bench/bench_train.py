@@ -22,7 +22,7 @@ from bench import common
 from configs import base
 from input_pipeline.random_data import BATCH, SEQ_LEN, RandomBatches
 from molmo_jax import config as config_lib
-from molmo_jax import flops as flops_lib
+from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import sharding
 from molmo_jax import trainer as trainer_lib
 

@@ -6,7 +6,7 @@ Runs the step of bench/bench_train.py under `jax.profiler.trace`, reads the trac
 (`jax.profiler.ProfileData`) and sums the time of every XLA operation (thunk) over the traced steps.
 Each operation is attributed, through the source stack frames the compiled HLO keeps, to a part of
 the model (vit, connector, llm, loss, optimizer) and the function that emitted it (attend, MLP, ...),
-and its matmul FLOPs are counted from the dots it holds (molmo_jax.hlo_stats), so that the tables say
+and its matmul FLOPs are counted from the dots it holds (molmo_jax.analysis.hlo_stats), so that the tables say
 which work runs far below the matmul rate. Thunks can overlap on the CPU's threads: the sum of their
 times may exceed the wall time.
 """
@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 
-from molmo_jax import hlo_stats
+from molmo_jax.analysis import hlo_stats
 
 # Functions that only one part of the model calls (innermost stack frame, prefix match). Shared helpers
 # (attend, Dense, ...) take the part of the other operations in the same HLO computation: each layer

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from molmo_jax.model import abstract_model
+from molmo_jax.models import abstract_model
 from molmo_jax.pretrained import param_paths
 from molmo_jax.torch_format import WeightsError
 

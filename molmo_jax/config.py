@@ -104,6 +104,7 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
 def model_config(name: str, llm, vit=None, connector=None, image=None, **top) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name
+    c.family = "molmo"    # which assembly of molmo_jax.models builds it
     c.image = image if image is not None else image_config()
     c.vit = vit if vit is not None else vit_config()
     c.connector = connector if connector is not None else connector_config()

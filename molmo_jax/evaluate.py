@@ -108,7 +108,7 @@ def mean_loss(model, batches) -> float:
     import jax
     from flax import nnx
 
-    from molmo_jax import model as model_lib
+    from molmo_jax import losses
 
     graphdef, state = nnx.split(model)
 
@@ -117,7 +117,7 @@ def mean_loss(model, batches) -> float:
         m = nnx.merge(graphdef, state)
         out = m(b["input_ids"], b.get("images"), b.get("image_masks"), b.get("image_input_idx"),
                 position_ids=b.get("position_ids"), subsegment_ids=b.get("subsegment_ids"))
-        ce, _, w = model_lib.token_losses(out["logits"], b["target_tokens"], b["loss_masks"])
+        ce, _, w = losses.token_losses(out["logits"], b["target_tokens"], b["loss_masks"])
         return ce.sum(), w.sum()
 
     keys = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
@@ -157,7 +157,7 @@ def load_sharded(checkpoint_path, mesh):
     from flax import nnx
 
     from molmo_jax import checkpoint, sharding
-    from molmo_jax.model import abstract_model
+    from molmo_jax.models import abstract_model
 
     abstract = nnx.state(abstract_model(checkpoint.load_config(checkpoint_path)), nnx.Param)
     return checkpoint.load_any(checkpoint_path, shardings=sharding.param_shardings(abstract, mesh))

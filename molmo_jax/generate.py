@@ -1,16 +1,16 @@
-"""Generation with a KV cache (spec section 14): prefill once with the images, then one token a step.
+"""Generation with a KV cache (docs/architecture.md#generation): prefill once with the images, then
+one token a step, through the model's own decoder blocks and attention (`layers.attention`).
 
 Shapes are static: the cache holds `cache_len` slots (a bucket >= prompt + new tokens); slot s holds
 prompt token s for s < T (padding slots stay but are masked), then generated token s - T. Position
 ids continue from each row's last *valid* prompt position, so right padded prompts of different
-lengths decode together (spec 14.2-14.3, pitfall 35).
+lengths decode together.
 
 Speed (a decode step is memory-bound: it reads all LLM weights once):
 - Layers are unrolled over per-layer weight copies made once in `Generator.__init__` (a `lax.scan`
   over stacked weights slices, i.e. copies, every layer's weights at every step).
-- The cache is one (k, v) pair per layer laid out [rows, kv_heads, slots, head_dim]: the attention
-  dots read it in place (the model's [rows, slots, heads, dim] needs a transpose per step), and
-  the new slot is written in place.
+- The cache is one `KVCache` per layer, [rows, kv_heads, slots, head_dim]: the attention dots read
+  it in place and the new slot is written in place.
 - The loop is one jitted `lax.while_loop` that exits once every row is done; only with stop strings
   does the host look at the text, every `STOP_CHECK_EVERY` tokens (every token for beam search,
   so that a stopped beam's score holds no token after the stop).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 from typing import Callable, Sequence
 
@@ -33,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from molmo_jax.layers import rope
-from molmo_jax.model import attention_mask, positions_from_mask
+from molmo_jax.layers.attention import KVCache, attention_mask, positions_from_mask
 from molmo_jax.sharding import batch_sharding, constrain, use_mesh
 
 CACHE_BUCKET = 64      # cache lengths are rounded up to a multiple of this (bounded recompilation)
@@ -83,40 +81,16 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
 
 
 # ------------------------------------------------------------------------------------------------
-# One step of the LLM for one new token per row. These mirror llm.Attention / llm.Block (reusing
-# their sub-modules) with the decode cache layout; the golden and cache == no-cache tests pin them.
+# The model's own blocks, one layer at a time, with a KV cache per layer (layers.attention.KVCache)
 
-def _attend_new_token(attn, x, positions, k_cache, v_cache, valid, slot):
-    """llm.Attention for x [R, 1, d]: the same projections, clip, qk-norm and RoPE, then the new
-    key/value written at `slot` of the [R, kv_heads, S, hd] cache and attention over `valid` slots."""
-    q, k, v = attn.wq(x), attn.wk(x), attn.wv(x)
-    if attn.clip_qkv:
-        q, k, v = (jnp.clip(a, -attn.clip_qkv, attn.clip_qkv) for a in (q, k, v))
-    if attn.q_norm is not None:
-        q = attn.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
-        k = attn.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    q, k = rope(q, positions, attn.theta), rope(k, positions, attn.theta)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, slot, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
-    r, _, hq, hd = q.shape
-    hkv = k_cache.shape[1]
-    q = q.reshape(r, hkv, hq // hkv, hd)  # query head h reads kv head h // (hq / hkv), as layers.attend
-    scores = jnp.einsum("rkgd,rksd->rkgs", q, k_cache, preferred_element_type=jnp.float32)
-    scores = jnp.where(valid[:, None, None, :], scores * (1.0 / math.sqrt(hd)), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("rkgs,rksd->rkgd", probs.astype(v_cache.dtype), v_cache).reshape(r, 1, hq, hd)
-    return attn.wo(out), k_cache, v_cache
-
-
-def _block_new_token(block, x, positions, k_cache, v_cache, valid, slot):
-    """llm.Block for one new token (same norm placement), with the decode attention above."""
-    if block.norm_after:
-        a, k_cache, v_cache = _attend_new_token(block.attn, x, positions, k_cache, v_cache, valid, slot)
-        h = x + block.attn_norm(a)
-        return h + block.ff_norm(block.ffn(h)), k_cache, v_cache
-    a, k_cache, v_cache = _attend_new_token(block.attn, block.attn_norm(x), positions, k_cache, v_cache, valid, slot)
-    h = x + a
-    return h + block.ffn(block.ff_norm(h)), k_cache, v_cache
+def _run_blocks(blocks, x, positions, mask, cache, index):
+    """x through every block, each reading and updating its layer's cache at slot `index`."""
+    new_cache = []
+    for block, layer_cache in zip(blocks, cache):
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        x, layer_cache = block(x, positions, mask, cache=layer_cache, cache_index=index)
+        new_cache.append(KVCache(*(constrain(a, CACHE_AXES) for a in layer_cache)))
+    return x, new_cache
 
 
 def decode_step(model, blocks, tokens, positions, cache, slots_valid, slot):
@@ -124,34 +98,25 @@ def decode_step(model, blocks, tokens, positions, cache, slots_valid, slot):
     (logits, cache, slots_valid)."""
     slots_valid = slots_valid.at[:, slot].set(True)
     x = model.llm.embed(tokens[:, None])
-    new_cache = []
-    for block, (k, v) in zip(blocks, cache):
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        x, k, v = _block_new_token(block, x, positions[:, None], k, v, slots_valid, slot)
-        new_cache.append((constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)))
+    x, cache = _run_blocks(blocks, x, positions[:, None], slots_valid[:, None, None, None, :], cache, slot)
     logits = model.llm.logits(model.llm.ln_f(x)[:, 0]).astype(jnp.float32)
-    return logits, new_cache, slots_valid
+    return logits, cache, slots_valid
 
 
 def prefill(model, blocks, batch, cache_len: int):
-    """Run the prompt (with images) through the model's own blocks and fill a fresh cache.
+    """Run the prompt (with images) through the model's blocks, filling slots 0..T-1 of a fresh cache.
     Returns (first-step logits [B, V] at each row's last valid token, cache, last valid position
     [B], slot validity [B, S])."""
     ids = batch["input_ids"]
     b, t = ids.shape
     valid = ids != -1
     positions = positions_from_mask(valid)
-    mask = attention_mask(valid)
+    # causal over the prompt's slots; the slots after it are empty
+    mask = jnp.pad(attention_mask(valid), ((0, 0),) * 4 + ((0, cache_len - t),))
     x = model.embed_inputs(ids, batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"))
     l = model.cfg.llm
-    cache = []
-    for block in blocks:
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        empty = jnp.zeros((b, t, l.n_kv_heads, l.head_dim), x.dtype)
-        x, (k, v) = block(x, positions, mask, cache=(empty, empty), cache_index=0)
-        # [B, T, H, hd] -> slots 0..T-1 of a [B, H, S, hd] cache
-        cache.append(tuple(constrain(jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, cache_len - t), (0, 0))),
-                                     CACHE_AXES) for a in (k, v)))
+    empty = [KVCache.empty(b, l.n_kv_heads, cache_len, l.head_dim, x.dtype) for _ in blocks]
+    x, cache = _run_blocks(blocks, x, positions, mask, empty, 0)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     logits = model.llm.logits(model.llm.ln_f(x)[jnp.arange(b), last]).astype(jnp.float32)
     slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)

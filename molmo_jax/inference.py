@@ -135,7 +135,7 @@ class Answerer:
 
         from molmo_jax import checkpoint as ckpt_lib
         from molmo_jax import sharding
-        from molmo_jax.model import abstract_model
+        from molmo_jax.models import abstract_model
 
         tok_dir = find_tokenizer(checkpoint, tokenizer_dir)
         shardings = None

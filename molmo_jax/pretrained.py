@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from molmo_jax import torch_format
-from molmo_jax.model import abstract_model
+from molmo_jax.models import abstract_model
 from molmo_jax.torch_format import WeightsError
 
 INDEX = "model.safetensors.index.json"

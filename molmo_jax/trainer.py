@@ -20,8 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from molmo_jax import flops as flops_lib
-from molmo_jax import model as model_lib
+from molmo_jax.analysis import flops as flops_lib
+from molmo_jax import losses
+from molmo_jax import models as model_lib
 from molmo_jax import optim
 from molmo_jax import sharding
 from molmo_jax.train_logging import MetricsWriter, Progress
@@ -44,7 +45,7 @@ HOST_INIT_MAX_PARAMS = 50_000_000
 def init_params(cfg_model, mesh, seed: int, shardings, host_init_max_params: int = HOST_INIT_MAX_PARAMS):
     """Parameters in their shardings (a pure dict)."""
     def create():
-        return nnx.to_pure_dict(nnx.state(model_lib.Molmo(cfg_model, rngs=nnx.Rngs(seed))))
+        return nnx.to_pure_dict(nnx.state(model_lib.create_model(cfg_model, seed)))
 
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(
         nnx.to_pure_dict(nnx.state(model_lib.abstract_model(cfg_model)))))
@@ -94,7 +95,7 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
                     response_mask=mb["loss_masks"] > 0, dropout_rng=key if use_dropout else None,
                     return_logits=False)
         max_tokens = config.max_loss_tokens or mb["input_ids"].size
-        loss, z, w, dropped = model_lib.sparse_loss(model, out["hidden"], mb["target_tokens"], mb["loss_masks"],
+        loss, z, w, dropped = losses.sparse_loss(model.llm.logits, out["hidden"], mb["target_tokens"], mb["loss_masks"],
                                                     max_tokens, normalizer)
         return loss + z, dict(loss=loss, z_loss=z, weight=w, dropped_loss_tokens=dropped)
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation reports (molmo_jax.aot, tools.aot) on simulated CPU devices: exact
+"""Ahead-of-time compilation reports (molmo_jax.analysis.aot, tools.aot) on simulated CPU devices: exact
 per-device parameter bytes for FSDP and tensor parallelism, a program over its memory budget is
 reported as not fitting, HLO statistics count loop bodies once per trip. Compiles for TPU slices
 run only where libtpu is installed (it is optional: the `tpu` extra)."""
@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from configs import tiny_sft
-from molmo_jax import aot, hlo_stats
-from molmo_jax import model as model_lib
+from molmo_jax.analysis import aot, hlo_stats
+from molmo_jax import models as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The rules table (molmo_jax.sharding.RULES) restated: which logical parameter axes each mesh axis splits.
@@ -237,7 +237,7 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
 
 _TABLE_SCRIPT = """
 from configs import tiny_sft
-from molmo_jax import aot
+from molmo_jax.analysis import aot
 from tools import aot as aot_tool
 report = dict(model="molmo_72b", stage="sft", topology="v5p-64", mesh=dict(data=1, fsdp=2, tensor=16, expert=1),
               grad_accum_steps=1, remat="full", peak_bytes_per_device=60 * 2 ** 30,
@@ -306,7 +306,7 @@ def test_compile_cache_is_keyed_by_the_lowered_program(tmp_path):
 
 _ALTERNATIVES_SCRIPT = """
 from configs import tiny_sft
-from molmo_jax import aot
+from molmo_jax.analysis import aot
 from tools import aot as aot_tool
 
 class FakeCompiler:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
 
-from molmo_jax import layers
+from molmo_jax.layers import attention as layers
 
 
 def test_softmax_matches_jax_and_its_derivatives_are_right():

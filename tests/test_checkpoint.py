@@ -15,7 +15,7 @@ from conftest import GOLDEN
 from molmo_jax import checkpoint
 from molmo_jax import config as config_lib
 from molmo_jax import pretrained
-from molmo_jax.model import create_model
+from molmo_jax.models import create_model
 from molmo_jax.torch_format import WeightsError
 
 

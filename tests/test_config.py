@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from molmo_jax import config as config_lib
-from molmo_jax import model as model_lib
+from molmo_jax import models as model_lib
 
 
 def count_from_shapes(cfg) -> int:
@@ -84,7 +84,7 @@ def test_moe_ragged_equals_dense():
     ids[1, 9:] = -1
     ragged = model(ids)["logits"]
     cfg.llm.moe_impl = "dense"
-    dense = model_lib.Molmo(cfg, rngs=nnx.Rngs(3))(ids)["logits"]
+    dense = model_lib.create_model(cfg, 3)(ids)["logits"]
     np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), atol=1e-5)
 
 

@@ -19,7 +19,7 @@ from molmo_jax import config as config_lib
 from molmo_jax import pretrained
 from molmo_jax.convert import export_checkpoint, import_checkpoint
 from molmo_jax.convert.stream_orbax import ParamReader
-from molmo_jax.model import create_model
+from molmo_jax.models import create_model
 from molmo_jax.pretrained import model_to_flat, param_paths
 from molmo_jax.torch_format import WeightsError
 
@@ -184,7 +184,7 @@ def test_mesh_aligned_import_restores_into_shardings(tmp_path):
     """--mesh: chunks follow one device's shard (and one layer) under the project's sharding rules,
     and a sharded restore on that mesh gives the same arrays."""
     from molmo_jax import sharding
-    from molmo_jax.model import abstract_model
+    from molmo_jax.models import abstract_model
 
     src = GOLDEN / "models" / "qwen2_style"
     import_checkpoint(src, tmp_path / "m", mesh={"fsdp": 4, "tensor": 2})

@@ -4,7 +4,7 @@ import numpy as np
 
 from input_pipeline.random_data import bench_batch
 from molmo_jax import config as config_lib
-from molmo_jax import model as model_lib
+from molmo_jax import models as model_lib
 
 
 def test_response_dropout_touches_only_response_positions_and_after():

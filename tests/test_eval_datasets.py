@@ -53,7 +53,7 @@ def _quiet(fn, *args):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The three sets built with the real vqa builder, and a tiny model saved with save_model."""
-    from molmo_jax import checkpoint, config, model as model_lib
+    from molmo_jax import checkpoint, config, models as model_lib
 
     root = tmp_path_factory.mktemp("eval_datasets")
     images = root / "images"

@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import GOLDEN
 from molmo_jax import config as config_lib
 from molmo_jax import generate as gen_lib
-from molmo_jax import model as model_lib
+from molmo_jax import models as model_lib
 from molmo_jax import pretrained, sharding
 from molmo_jax.preprocess import MolmoTokenizer
 

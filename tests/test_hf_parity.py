@@ -13,7 +13,7 @@ import transformers
 
 from molmo_jax import config as config_lib
 from molmo_jax import hf_base
-from molmo_jax.model import create_model
+from molmo_jax.models import create_model
 from molmo_jax.pretrained import model_from_flat, model_to_flat, param_paths
 from molmo_jax.torch_format import WeightsError
 

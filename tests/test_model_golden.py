@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from molmo_jax import config as config_lib
-from molmo_jax import model as model_lib
+from molmo_jax import losses
+from molmo_jax import models as model_lib
 from molmo_jax import pretrained
 
 from conftest import GOLDEN
@@ -110,11 +111,11 @@ def test_loss_and_z_loss(name):
     out = forward(name, "loss")
     masks = inp["loss_masks"]
     labels = np.where(masks > 0, inp["loss_labels"], -100)
-    loss, z_loss, total = model_lib.loss_fn(out, labels, masks)
+    loss, z_loss, total = losses.loss_fn(out, labels, masks)
     assert abs(float(loss) - float(exp["loss"])) <= 1e-5
     assert abs(float(z_loss) - float(exp["z_loss"])) <= 1e-7
     assert float(total) == float(masks.sum())
-    ce, _, _ = model_lib.token_losses(out["logits"], labels, masks)
+    ce, _, _ = losses.token_losses(out["logits"], labels, masks)
     close(ce, exp["loss_per_token"], 1e-4)
 
 

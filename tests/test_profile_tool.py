@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import profile_train
-from molmo_jax import layers
+from molmo_jax.layers import attention as layers
 
 
 def test_profile_finds_each_op_its_function_and_its_matmul_flops(tmp_path):

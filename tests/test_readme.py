@@ -116,7 +116,7 @@ class Stage:
         from molmo_jax import checkpoint
         from molmo_jax import config as config_lib
         from molmo_jax.convert import export_checkpoint
-        from molmo_jax.model import create_model
+        from molmo_jax.models import create_model
 
         cfg = config_lib.tiny()
         checkpoint.save_model(self.root / "_tiny_src", cfg, create_model(cfg, seed=0))

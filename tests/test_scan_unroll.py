@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from molmo_jax import config as config_lib
-from molmo_jax import model as model_lib
+from molmo_jax import models as model_lib
 
 
 @pytest.fixture(scope="module")

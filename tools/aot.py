@@ -144,12 +144,12 @@ class NotCached(Exception):
 
 
 class CachedCompiler:
-    """compile_report with a disk cache keyed by the lowered program (molmo_jax.aot.program_key):
+    """compile_report with a disk cache keyed by the lowered program (molmo_jax.analysis.aot.program_key):
     lowering takes seconds, compiling minutes. Each entry keeps the compiled HLO (gzip), so the HLO
     analysis is re-run on every read and stays current without compiling again."""
 
     def __init__(self, cache_dir: str | None, cached_only: bool = False):
-        from molmo_jax import aot
+        from molmo_jax.analysis import aot
         self.aot, self.dir, self.cached_only, self.devices = aot, cache_dir, cached_only, {}
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
@@ -411,7 +411,7 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --table)")
     _setup_environment(_TOPOLOGY.value)
-    from molmo_jax import aot
+    from molmo_jax.analysis import aot
     config = _CONFIG.value
     try:
         topo = aot.parse_topology(_TOPOLOGY.value)

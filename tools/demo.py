@@ -141,7 +141,7 @@ def main(argv=None):
     absl_logging.set_verbosity(absl_logging.WARNING)
 
     from input_pipeline import datasets, synthetic_options, synthetic_split_sizes, tokenizer_dir
-    from molmo_jax import model as model_lib
+    from molmo_jax import models as model_lib
     from molmo_jax.preprocess import Collator, MolmoTokenizer, Preprocessor
 
     t0 = time.time()

@@ -50,7 +50,7 @@ def main(argv=None):
     import jax
     from flax import nnx
 
-    from molmo_jax import model as model_lib
+    from molmo_jax import losses
     from molmo_jax import pretrained
     from molmo_jax.torch_format import WeightsError
 
@@ -83,7 +83,7 @@ def main(argv=None):
         logits = run(state, data["loss_input_ids"], *img)
         masks = data["loss_masks"]
         labels = np.where(masks > 0, data["loss_labels"], -100)
-        loss, z_loss, _ = model_lib.loss_fn({"logits": logits}, labels, masks)
+        loss, z_loss, _ = losses.loss_fn({"logits": logits}, labels, masks)
         out["loss"], out["z_loss"] = np.float32(loss), np.float32(z_loss)
     np.savez(args.out, **out)
     summary = f"{cfg.name}: logits {out['logits'].shape}"

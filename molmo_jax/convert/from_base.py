@@ -95,7 +95,7 @@ def build_config(clip: dict, llm: dict, *, name, vit_layers=(-2, -9), vit_keep=N
 
 
 def _fresh_connector(cfg, seed) -> dict:
-    from molmo_jax.connector import Connector
+    from molmo_jax.models.molmo import Connector
 
     params = flatten_params(nnx.state(Connector(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
     out = {("connector",) + p: np.asarray(v) for p, v in params.items()}

@@ -61,7 +61,7 @@ def mesh_partition_specs(cfg, axes: dict[str, int]) -> dict:
     from flax import nnx
 
     from molmo_jax import sharding
-    from molmo_jax.model import abstract_model
+    from molmo_jax.models import abstract_model
 
     unknown = sorted(set(axes) - set(sharding.MESH_AXES))
     if unknown:

@@ -1,4 +1,4 @@
-"""The image encoder: a CLIP-style ViT (spec section 8).
+"""The image encoder: a CLIP-style ViT (docs/architecture.md#vit).
 
 Input: crops as flattened patches [N, P, 588] ((dy, dx, rgb) order, already normalised).
 Patch embedding without bias, class token, learned positions, `pre_ln`, pre-norm residual blocks
@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax import config as config_lib
+from molmo_jax.layers.attention import attend
+from molmo_jax.layers.core import ACTIVATIONS, Dense, embedding_std, param, residual_out_std
+from molmo_jax.layers.norms import LayerNorm
+from molmo_jax.layers.scan import scan_layers
 from molmo_jax.sharding import constrain
-from molmo_jax.layers import (ACTIVATIONS, Dense, LayerNorm, attend, embedding_std, param, residual_out_std,
-                               scan_layers)
 
 
 class ViTBlock(nnx.Module):

@@ -10,7 +10,7 @@ Slice names follow Cloud TPU: v4-N and v5p-N count TensorCores (2 per chip, one 
 chip), v5e-N (alias v5litepod-N) and v6e-N count chips; `KxNAME` is K slices joined over the data
 centre network. `cpu-N` uses N simulated host devices (CPU memory shared by them).
 
-FLOPs, HBM traffic and collective bytes are read from the compiled HLO text (`molmo_jax.hlo_stats`),
+FLOPs, HBM traffic and collective bytes are read from the compiled HLO text (`molmo_jax.analysis.hlo_stats`),
 with every loop body weighted by its trip count: XLA's own cost analysis counts each while-loop body
 once, and every layer stack here is a `lax.scan`.
 """
@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from molmo_jax import config as config_lib
-from molmo_jax import flops as flops_lib
+from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import sharding
 from molmo_jax import trainer
-from molmo_jax.hlo_stats import analyse_hlo
+from molmo_jax.analysis.hlo_stats import analyse_hlo
 
 GB = 1e9
 GiB = 2 ** 30

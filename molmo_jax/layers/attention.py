@@ -1,0 +1,157 @@
+"""Attention: RoPE, the masked softmax core, the masks, and the decoder's attention layer.
+
+One attention serves training, prefill and decode. Without a cache, `Attention` attends over the
+keys of its own input; with a `KVCache` it writes its keys and values into the cache at
+`cache_index` and attends over every slot of the cache (the caller's mask says which slots are
+valid). The cache layout is [batch, kv_heads, slots, head_dim], which a decode step reads in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax.layers.core import Dense, residual_out_std
+from molmo_jax.layers.norms import RMSNorm
+
+
+def rope(x, positions, theta: float):
+    """Rotate-half RoPE in float32. x: [B, T, H, hd]; positions: [B, T] integer."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]      # [B, T, 1, hd]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+@jax.custom_jvp
+def softmax(x):
+    """Softmax over the last axis whose derivative reads only its output: dy = y * (dx - sum(y dx)).
+
+    jax.nn.softmax differentiates through exp, sum and divide unless the global flag
+    `jax_softmax_custom_jvp` is set, so its backward pass streams several T x T tensors through memory
+    per attention layer; with this rule it streams one. On bench-s's ViT attention (20 crops x 4 heads
+    x 577^2 scores) forward + backward is ~25% faster on a CPU (docs/benchmarks.md)."""
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
+# Key/value layouts: "bshd" = [B, S, Hkv, hd] (keys computed from the input, training and the ViT);
+# "bhsd" = [B, Hkv, S, hd] (the KV cache).
+_SCORES = {"bshd": "btkgd,bskd->bkgts", "bhsd": "btkgd,bksd->bkgts"}
+_MIX = {"bshd": "bkgts,bskd->btkgd", "bhsd": "bkgts,bksd->btkgd"}
+
+
+def attend(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None, kv_layout: str = "bshd"):
+    """Multi-head attention core with grouped-query heads, softmax in float32.
+
+    q: [B, T, Hq, hd]; k, v: [B, S, Hkv, hd] (or [B, Hkv, S, hd] with kv_layout "bhsd"); mask: bool,
+    broadcastable to [B, 1, 1, T, S] (True = may attend). Query head h reads kv head h // (Hq / Hkv),
+    the original's repeat_interleave, done by reshaping instead of copying K/V.
+    """
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2] if kv_layout == "bshd" else k.shape[1]
+    q = q.reshape(b, t, hkv, hq // hkv, hd)
+    scores = jnp.einsum(_SCORES[kv_layout], q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = softmax(scores)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum(_MIX[kv_layout], probs.astype(v.dtype), v)
+    return out.reshape(b, t, hq, hd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks and positions (padding is -1 in input_ids; docs/architecture.md#masks-and-positions)
+
+def positions_from_mask(valid):
+    """clamp(cumsum(mask) - 1, 0): right padding repeats the last valid position."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(valid, subsegment_ids=None):
+    """Boolean [B, 1, 1, T, T] (broadcast over kv heads and groups): causal, no padded keys, and,
+    for packed examples, query q sees key k only if subsegment[q] <= subsegment[k]."""
+    t = valid.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    mask = causal[None] & valid[:, None, :]
+    if subsegment_ids is not None:
+        mask = mask & (subsegment_ids[:, :, None] <= subsegment_ids[:, None, :])
+    return mask[:, None, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# The decoder's attention layer and its cache
+
+class KVCache(NamedTuple):
+    """One layer's keys and values (after RoPE) for `slots` positions, [B, kv_heads, slots, head_dim]."""
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
+        return cls(zeros, zeros)
+
+    def write(self, k, v, index) -> "KVCache":
+        """Keys/values [B, T, Hkv, hd] written at slots index..index+T-1."""
+        put = lambda cache, new: jax.lax.dynamic_update_slice(  # noqa: E731
+            cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
+        return KVCache(put(self.k, k), put(self.v, v))
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention of a decoder: q/k/v projections with a heads axis, optional
+    clipping and qk-norm (over the whole projected width, before the head split), rotate-half RoPE."""
+
+    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack):
+        d, hq, hkv, hd = lcfg.d_model, lcfg.n_heads, lcfg.n_kv_heads, lcfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
+        self.wq = Dense(d, (hq, hd), ("embed",), ("heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
+        self.wk = Dense(d, (hkv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
+        self.wv = Dense(d, (hkv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
+        self.wo = Dense((hq, hd), d, ("heads", "head_dim"), ("embed",), std=residual_out_std(hq * hd, lcfg.n_layers),
+                        **kw)
+        if lcfg.qk_norm:
+            self.q_norm = RMSNorm(hq * hd, lcfg.norm_eps, "q_norm", param_dtype=param_dtype, stack=stack)
+            self.k_norm = RMSNorm(hkv * hd, lcfg.norm_eps, "kv_norm", param_dtype=param_dtype, stack=stack)
+        else:
+            self.q_norm = self.k_norm = None
+        self.clip_qkv = lcfg.clip_qkv
+        self.theta = lcfg.rope_theta
+        self.dropout = lcfg.attention_dropout
+
+    def __call__(self, x, positions, mask, cache: KVCache | None = None, cache_index=None, dropout_rng=None):
+        """x [B, T, d], positions [B, T]. Without a cache, mask is [B, 1, 1, T, T]; with one, the new
+        keys/values go to slots cache_index..+T-1 and mask [B, 1, 1, T, slots] selects what is read.
+        Returns (output [B, T, d], the updated cache or None)."""
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.clip_qkv:
+            q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        rate = self.dropout if dropout_rng is not None else 0.0
+        if cache is None:
+            out = attend(q, k, v, mask, rate, dropout_rng)
+        else:
+            cache = cache.write(k, v, cache_index)
+            out = attend(q, cache.k, cache.v, mask, rate, dropout_rng, kv_layout="bhsd")
+        return self.wo(out), cache

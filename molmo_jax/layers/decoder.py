@@ -1,0 +1,95 @@
+"""The decoder LLM: a stack of pre-norm or post-norm blocks (attention + SwiGLU MLP or MoE) over
+token embeddings, a final RMSNorm and the output head.
+
+Attention weights are kept per projection with a heads axis ([embed, heads, head_dim]) rather than
+the original's fused `att_proj`, so tensor parallelism can split heads; the weight mappings fuse
+and split (q | k | v, and up | gate for `ff_proj`). All blocks are stacked on a `layers` axis and
+run with `lax.scan`; generation runs them one by one (`molmo_jax.generate`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax.layers.attention import Attention
+from molmo_jax.layers.core import Dense, embedding_std, param
+from molmo_jax.layers.mlp import MLP, MoE
+from molmo_jax.layers.norms import RMSNorm
+from molmo_jax.layers.scan import scan_layers
+from molmo_jax.sharding import constrain
+
+
+class Block(nnx.Module):
+    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
+        self.norm_after = lcfg.norm_after
+        self.attn_norm = RMSNorm(lcfg.d_model, lcfg.norm_eps, param_dtype=param_dtype, stack=stack)
+        self.ff_norm = RMSNorm(lcfg.d_model, lcfg.norm_eps, param_dtype=param_dtype, stack=stack)
+        self.attn = Attention(lcfg, **kw)
+        self.ffn = MoE(lcfg, **kw) if lcfg.moe_num_experts else MLP(lcfg, **kw)
+
+    def __call__(self, x, positions, mask, drop_rates=None, rng=None, cache=None, cache_index=None):
+        rngs = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+        if self.norm_after:  # OLMo-7B-1024: norms on the sublayer outputs, none on the inputs
+            a, cache = self.attn(x, positions, mask, cache, cache_index, rngs[2])
+            h = x + _dropout(self.attn_norm(a), drop_rates, rngs[0])
+            return h + _dropout(self.ff_norm(self.ffn(h)), drop_rates, rngs[1]), cache
+        a, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, rngs[2])
+        h = x + _dropout(a, drop_rates, rngs[0])
+        return h + _dropout(self.ffn(self.ff_norm(h)), drop_rates, rngs[1]), cache
+
+
+def _dropout(y, rates, rng):
+    """Residual dropout with a per-position rate [B, T, 1] (response dropout,
+    docs/architecture.md#training)."""
+    if rng is None or rates is None:
+        return y
+    keep_p = 1.0 - rates
+    keep = jax.random.uniform(rng, y.shape) < keep_p
+    return jnp.where(keep, y / keep_p.astype(y.dtype), 0).astype(y.dtype)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        l = cfg.llm
+        self.cfg = cfg
+        dtype, pdt = cfg.dtype, cfg.param_dtype
+        self.dtype = jnp.dtype(dtype)
+        self.embedding = param(rngs, (l.embedding_size, l.d_model), ("vocab", "embed"), pdt, std=embedding_std())
+        self.new_embedding = (param(rngs, (l.additional_vocab_size, l.d_model), (None, "embed"), pdt,
+                                    std=embedding_std())
+                              if l.additional_vocab_size else None)
+        self.blocks = Block(l, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=l.n_layers)
+        self.ln_f = RMSNorm(l.d_model, l.norm_eps, param_dtype=pdt)
+        self.ff_out = Dense(l.d_model, l.embedding_size, ("embed",), ("vocab",), dtype=dtype,
+                            param_dtype=pdt, rngs=rngs)
+
+    def embed(self, input_ids):
+        """Lookup on concat(embedding, new_embedding) without building the concatenation."""
+        ids = jnp.where(input_ids < 0, 0, input_ids)  # padding (-1) is embedded as id 0
+        n_base = self.embedding.shape[0]
+        x = jnp.take(self.embedding[...], jnp.minimum(ids, n_base - 1), axis=0)
+        if self.new_embedding is not None:
+            extra = jnp.take(self.new_embedding[...], jnp.clip(ids - n_base, 0, None), axis=0,
+                             mode="clip")
+            x = jnp.where((ids >= n_base)[..., None], extra, x)
+        return x.astype(self.dtype)
+
+    def __call__(self, x, positions, mask, *, drop_rates=None, dropout_rng=None, return_hidden=False):
+        """x: input embeddings [B, T, d]. Returns (final hidden after ln_f, hidden states or None):
+        with `return_hidden`, the input of every block, [n_layers, B, T, d]."""
+        n = self.cfg.llm.n_layers
+        keys = jax.random.split(dropout_rng, n) if dropout_rng is not None else None
+
+        def body(h, block, key):
+            h = constrain(h, ("batch", "seq", "act_embed"))  # block boundary: batch-sharded activations
+            out, _ = block(h, positions, mask, drop_rates, key)
+            return out, (h if return_hidden else None)
+
+        x, hidden = scan_layers(body, x, self.blocks, xs=keys, remat=self.cfg.remat,
+                                unroll=self.cfg.get("scan_unroll", 1))
+        return self.ln_f(x), hidden
+
+    def logits(self, h):
+        return self.ff_out(h)

@@ -1,0 +1,63 @@
+"""The training loss: float32 token cross-entropy normalised by the loss weights, and the z-loss.
+
+`loss_fn` reduces full logits; `sparse_loss` applies the output head only at weighted positions
+(what the trainer uses). Both follow the original's reduction (docs/architecture.md#loss).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from molmo_jax.sharding import constrain
+
+Z_LOSS_WEIGHT = 1e-4
+
+
+def token_losses(logits, labels, weights):
+    """Per-token float32 cross-entropy and z-loss terms. labels < 0 carry no loss."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    # Labels without loss may be ids the head cannot produce (image tokens, padding): read a valid
+    # column for them (their weight is 0), never an out-of-range one (which would give NaN).
+    safe = jnp.where((labels < 0) | (labels >= logits.shape[-1]), 0, labels)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    w = jnp.where(labels < 0, 0.0, jnp.maximum(weights, 0.0)).astype(jnp.float32)
+    return (lse - picked) * w, Z_LOSS_WEIGHT * jnp.square(lse) * w, w
+
+
+def loss_fn(outputs, labels, loss_masks, normalizer=None):
+    """The original's reduction: sum(w * CE) / sum(w); the z-loss is normalised the same way.
+
+    `normalizer` overrides sum(w) (gradient accumulation uses the full batch's sum).
+    Returns (loss, z_loss, sum of weights).
+    """
+    ce, z, w = token_losses(outputs["logits"], labels, loss_masks)
+    denom = jnp.sum(w) if normalizer is None else normalizer
+    denom = jnp.maximum(denom, 1e-8)
+    return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w)
+
+
+def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normalizer=None):
+    """The same loss as `loss_fn`, with the output head (`head(hidden) -> logits`) applied only where
+    the weight is > 0.
+
+    Static shapes: per example, the first K = ceil(max_loss_tokens / B) weighted positions are
+    gathered (`jnp.nonzero(size=K)` row by row), so the head and the softmax cost B x K x vocab
+    instead of B x T x vocab. Selecting per row (not over the flattened batch) keeps the batch
+    sharding: the gathered states and the logits stay split over the batch axes and the vocabulary
+    over `tensor`. Positions beyond K in a row are dropped and counted in `n_dropped`.
+    """
+    b, t, _ = hidden.shape
+    k = max(1, min(t, -(-int(max_loss_tokens) // b)))
+    weights = jnp.where(labels < 0, 0.0, jnp.maximum(loss_masks, 0.0))
+    (pos,) = jax.vmap(lambda row: jnp.nonzero(row > 0, size=k, fill_value=0))(weights)
+    counts = jnp.sum(weights > 0, axis=1)
+    taken = jnp.arange(k)[None, :] < counts[:, None]
+    h = constrain(jnp.take_along_axis(hidden, pos[..., None], axis=1), ("batch", None, "act_embed"))
+    w = jnp.where(taken, jnp.take_along_axis(weights, pos, axis=1), 0.0)
+    lab = jnp.where(taken, jnp.take_along_axis(labels, pos, axis=1), -1)
+    logits = constrain(head(h), ("batch", None, "act_vocab"))
+    ce, z, w = token_losses(logits, lab, w)
+    denom = jnp.maximum(jnp.sum(w) if normalizer is None else normalizer, 1e-8)
+    n_dropped = jnp.sum(jnp.maximum(counts - k, 0))
+    return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w), n_dropped

@@ -1,0 +1,42 @@
+"""Model families. Each family assembles the shared blocks of `molmo_jax.layers` into one model
+class, in one file (`models/<family>.py`); everything else reaches a model through this module:
+
+    create_model(cfg, seed)   a model with fresh parameters
+    abstract_model(cfg)       the same with ShapeDtypeStructs (no memory allocated)
+    count_params(model)
+
+`cfg.family` names the family; configs written before families existed have none and are Molmo.
+"""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from molmo_jax.models.molmo import Molmo
+
+FAMILIES = {"molmo": Molmo}
+
+
+def family_of(cfg) -> str:
+    family = cfg.get("family", "molmo")
+    if family not in FAMILIES:
+        raise ValueError(f"model family {family!r} is not known; choose one of {', '.join(FAMILIES)}")
+    return family
+
+
+def model_class(cfg) -> type[nnx.Module]:
+    return FAMILIES[family_of(cfg)]
+
+
+def create_model(cfg, seed: int = 0) -> nnx.Module:
+    return model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg) -> nnx.Module:
+    """The model with ShapeDtypeStructs instead of arrays: no memory is allocated."""
+    return nnx.eval_shape(lambda: create_model(cfg))
+
+
+def count_params(model_or_state) -> int:
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return int(sum(x.size for x in jax.tree.leaves(state)))
