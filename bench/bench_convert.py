@@ -23,15 +23,17 @@ import time
 import numpy as np
 
 from molmo_jax import config as config_lib
-from molmo_jax.convert import hf_config, safetensors_out, validate
-from molmo_jax.convert.sources import SafetensorsFile
-from molmo_jax.torch_format import PREFIX
+from molmo_jax.weights import safetensors_out
+from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights.params import param_paths
+from molmo_jax.weights.rules import torch_shapes
+from molmo_jax.weights.tensors import SafetensorsFile
 
 TIME = "/usr/bin/time"  # GNU time
 # The fixed cost: Python, jax, orbax and tensorstore loaded, and one tiny orbax save (which starts
 # jax's CPU backend and orbax's threads: about 200 MB by itself).
 BASELINE = """
-import numpy as np, orbax.checkpoint as ocp, molmo_jax.convert, tools.convert
+import numpy as np, orbax.checkpoint as ocp, molmo_jax.weights, tools.convert
 ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save("{}", args=ocp.args.PyTreeSave({{"x": np.zeros(4)}}))
 """
 
@@ -45,7 +47,7 @@ def synthetic_config(d_model, n_layers, mlp_dim):
 
 def write_source(cfg, directory: pathlib.Path, shard_bytes=2 * 10**9) -> dict:
     directory.mkdir(parents=True)
-    entries = [(PREFIX + k, s, "float32") for k, s in validate.torch_shapes(cfg).items()]
+    entries = [(molmo_mapping.PREFIX + k, s, "float32") for k, s in torch_shapes(molmo_mapping.rules(cfg), cfg).items()]
     shards = safetensors_out.plan_shards(entries, shard_bytes)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     rng = np.random.default_rng(0)
@@ -53,7 +55,7 @@ def write_source(cfg, directory: pathlib.Path, shard_bytes=2 * 10**9) -> dict:
         for key, shape, _ in entries:
             writer.write(key, (0.02 * rng.standard_normal(shape, np.float32)))
     writer.write_index()
-    (directory / "config.json").write_text(json.dumps(hf_config.to_released(cfg, "float32"), indent=2))
+    (directory / "config.json").write_text(json.dumps(molmo_mapping.to_released(cfg, "float32"), indent=2))
     sizes = [safetensors_out.nbytes(s, d) for _, s, d in entries]
     return {"bytes": sum(sizes), "tensors": len(sizes), "largest_tensor_bytes": max(sizes), "shards": len(shards)}
 
@@ -72,8 +74,6 @@ def run_measured(args) -> dict:
 
 
 def largest_stacked_leaf_bytes(cfg) -> int:
-    from molmo_jax.pretrained import param_paths
-
     return max(int(np.prod(s)) * 4 for p, s in param_paths(cfg).items() if "blocks" in p)
 
 
@@ -104,7 +104,7 @@ def main(argv=None):
         imp = run_measured(convert + ["import", str(work / "hf_src"), str(work / "molmo"), "--no-progress"])
         exp = run_measured(convert + ["export", str(work / "molmo"), str(work / "hf_out"), "--no-progress"])
         n = cfg.llm.n_layers - 1
-        sample = [PREFIX + k for k in ("transformer.wte.embedding", f"transformer.blocks.{n}.ff_proj.weight",
+        sample = [molmo_mapping.PREFIX + k for k in ("transformer.wte.embedding", f"transformer.blocks.{n}.ff_proj.weight",
                                        f"transformer.blocks.{n}.att_proj.bias",
                                        "vision_backbone.image_vit.transformer.resblocks.22.feed_forward.w1.weight")]
         result = {

@@ -113,7 +113,7 @@ def mean_loss(model, batches) -> float:
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def losses(state, b):
+    def loss_sums(state, b):
         m = nnx.merge(graphdef, state)
         out = m(b["input_ids"], b.get("images"), b.get("image_masks"), b.get("image_input_idx"),
                 position_ids=b.get("position_ids"), subsegment_ids=b.get("subsegment_ids"))
@@ -124,40 +124,6 @@ def mean_loss(model, batches) -> float:
             "image_masks", "image_input_idx")
     total = weight = 0.0
     for b in batches:
-        s, w = losses(state, {k: b[k] for k in keys if k in b})
+        s, w = loss_sums(state, {k: b[k] for k in keys if k in b})
         total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1e-8)
-
-
-# ------------------------------------------------------------------------------------------------
-# Sharded evaluation
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=-1,tensor=2' -> {"data": 1, "fsdp": -1, "tensor": 2} (axes of molmo_jax.sharding;
-    one may be -1: the rest of the devices). ValueError naming the bad part."""
-    from molmo_jax.sharding import MESH_AXES
-
-    spec: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        axis, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or axis not in MESH_AXES or not value.lstrip("-").isdigit() or int(value) == 0 or int(value) < -1:
-            raise ValueError(f"expected AXIS=N with AXIS one of {', '.join(MESH_AXES)} and N >= 1 or -1, "
-                             f"got {item!r}")
-        if axis in spec:
-            raise ValueError(f"axis {axis!r} given twice")
-        spec[axis] = int(value)
-    if not spec:
-        raise ValueError(f"no axis given in {text!r}")
-    return spec
-
-
-def load_sharded(checkpoint_path, mesh):
-    """(cfg, model) with every parameter read straight into its sharding on `mesh` (fsdp/tensor
-    rules of molmo_jax.sharding), as training places them."""
-    from flax import nnx
-
-    from molmo_jax import checkpoint, sharding
-    from molmo_jax.models import abstract_model
-
-    abstract = nnx.state(abstract_model(checkpoint.load_config(checkpoint_path)), nnx.Param)
-    return checkpoint.load_any(checkpoint_path, shardings=sharding.param_shardings(abstract, mesh))

@@ -6,7 +6,7 @@
     answer.text, answer.points_px, answer.count
     answers = molmo.ask_many([("a.jpg", "How many cats?"), ("b.png", "Describe this image.")])
 
-A checkpoint is anything `molmo_jax.checkpoint.load_any` reads: a molmo_jax model directory, a
+A checkpoint is anything `molmo_jax.weights.load` reads: a molmo_jax model directory, a
 training run or one of its step directories, or a PyTorch directory (original / released HF form,
 converted in memory). Prompts are formatted as the released models expect (spec 6.4, 14.1): style
 "demo" gives " User: {prompt} Assistant:"; another style (e.g. "vqa2") adds its "vqa2:" prefix.
@@ -86,9 +86,9 @@ def find_tokenizer(checkpoint, tokenizer_dir=None) -> pathlib.Path:
         if not (path / "tokenizer.json").is_file() and not (path.is_file() and path.suffix == ".json"):
             raise TokenizerError(f"{path}: no tokenizer.json there")
         return path
-    from molmo_jax import checkpoint as ckpt_lib
+    from molmo_jax.weights import find_checkpoint
 
-    info = ckpt_lib.find_checkpoint(checkpoint)
+    info = find_checkpoint(checkpoint)
     base = pathlib.Path(checkpoint)
     candidates = [base / "tokenizer"]
     if info.config_path is not None:
@@ -129,20 +129,12 @@ class Answerer:
 
     @classmethod
     def load(cls, checkpoint, tokenizer_dir=None, mesh=None, **kw) -> "Answerer":
-        """From any checkpoint `load_any` reads; with `mesh`, parameters are read straight into
+        """From any checkpoint `weights.load` reads; with `mesh`, parameters are read straight into
         their shardings. Raises WeightsError / TokenizerError with a one-line reason."""
-        from flax import nnx
-
-        from molmo_jax import checkpoint as ckpt_lib
-        from molmo_jax import sharding
-        from molmo_jax.models import abstract_model
+        from molmo_jax import weights
 
         tok_dir = find_tokenizer(checkpoint, tokenizer_dir)
-        shardings = None
-        if mesh is not None:
-            abstract = nnx.state(abstract_model(ckpt_lib.load_config(checkpoint)), nnx.Param)
-            shardings = sharding.param_shardings(abstract, mesh)
-        cfg, model = ckpt_lib.load_any(checkpoint, shardings=shardings)
+        cfg, model = weights.load(checkpoint, mesh=mesh)
         return cls(cfg, model, MolmoTokenizer(str(tok_dir), cfg.llm.vocab_size), mesh=mesh, **kw)
 
     # -- preprocessing -----------------------------------------------------------------------------

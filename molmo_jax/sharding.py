@@ -58,18 +58,57 @@ log = logging.getLogger(__name__)
 _current: list[tuple[Mesh, dict]] = []
 
 
+class MeshError(ValueError):
+    """A mesh that cannot be built: names the axes and sizes and what is wrong with them."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=-1,tensor=2' -> {"data": 1, "fsdp": -1, "tensor": 2}: the one parser of every
+    tool's --mesh. Axes must be mesh axes, each given once, sizes >= 1 or -1 ("the rest of the
+    devices", at most once); `mesh_shape` then checks the product against the device count."""
+    spec: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        axis, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or axis not in MESH_AXES:
+            raise MeshError(f"--mesh {text!r}: expected AXIS=N pairs with AXIS one of {', '.join(MESH_AXES)}, "
+                            f"got {item!r}")
+        if axis in spec:
+            raise MeshError(f"--mesh {text!r}: axis {axis!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise MeshError(f"--mesh {text!r}: size of {axis!r} must be an integer, got {value!r}") from None
+        if size == 0 or size < -1:
+            raise MeshError(f"--mesh {text!r}: size of {axis!r} must be >= 1 or -1 (the rest), got {size}")
+        spec[axis] = size
+    if not spec:
+        raise MeshError(f"--mesh {text!r}: no axis given")
+    check_mesh_spec(spec)
+    return spec
+
+
+def check_mesh_spec(spec: dict) -> None:
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"mesh {spec}: unknown axes {unknown} (the mesh axes are {', '.join(MESH_AXES)})")
+    if list(spec.values()).count(-1) > 1:
+        raise MeshError(f"mesh {spec}: at most one axis may be -1")
+    bad = [a for a, s in spec.items() if not isinstance(s, int) or s == 0 or s < -1]
+    if bad:
+        raise MeshError(f"mesh {spec}: sizes must be >= 1 or -1 (the rest of the devices); {bad[0]} is not")
+
+
 def mesh_shape(spec: dict, n_devices: int) -> tuple[int, ...]:
-    """Resolve {axis: size} with at most one -1 ("the rest of the devices")."""
+    """Resolve {axis: size} with at most one -1 ("the rest of the devices") against the device count."""
+    check_mesh_spec({a: int(s) for a, s in spec.items()})
     sizes = [int(spec.get(a, 1)) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {spec}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(f"mesh {spec}: {n_devices} devices are not divisible by {known}")
+            raise MeshError(f"mesh {spec}: {n_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"but {n_devices} are available")
     return tuple(sizes)
 

@@ -337,7 +337,8 @@ class Trainer:
 
 def model_params_from_checkpoint(path: str):
     """Pure parameter dict from a molmo_jax model directory or a training checkpoint (stage 2 init)."""
-    from molmo_jax import checkpoint  # the converter's module: model dirs, workdirs, PyTorch dirs
-    _, model = checkpoint.load_any(path)
+    from molmo_jax import weights
+
+    _, model = weights.load(path)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 

@@ -12,15 +12,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import GOLDEN
-from molmo_jax import checkpoint
+from molmo_jax import weights
 from molmo_jax import config as config_lib
-from molmo_jax import pretrained
+from molmo_jax import weights
 from molmo_jax.models import create_model
-from molmo_jax.torch_format import WeightsError
+from molmo_jax.weights import WeightsError
 
 
 def flat_params(model):
-    return pretrained.model_to_flat(model)
+    return weights.params.model_to_flat(model)
 
 
 def assert_same_params(a, b):
@@ -39,7 +39,7 @@ def tiny_model():
 @pytest.mark.parametrize("preset", ["tiny", "molmoe_1b", "molmo_72b"])
 def test_config_json_roundtrip_keeps_values_and_types(preset):
     cfg = config_lib.get_config(preset)
-    back = checkpoint.config_from_dict(json.loads(checkpoint.config_to_json(cfg)))
+    back = weights.configs.config_from_dict(json.loads(weights.configs.config_to_json(cfg)))
     assert back.to_dict() == cfg.to_dict()
     for part in ("vit", "image", "llm", "connector"):
         for key, value in cfg[part].items():
@@ -49,10 +49,10 @@ def test_config_json_roundtrip_keeps_values_and_types(preset):
 
 def test_run_config_model_part_is_accepted():
     cfg = config_lib.tiny()
-    run = {"model": json.loads(checkpoint.config_to_json(cfg)), "optimizer": {"lr": 1e-4}}
-    assert checkpoint.config_from_dict(run).to_dict() == cfg.to_dict()
+    run = {"model": json.loads(weights.configs.config_to_json(cfg)), "optimizer": {"lr": 1e-4}}
+    assert weights.configs.config_from_dict(run).to_dict() == cfg.to_dict()
     with pytest.raises(WeightsError, match="no 'llm' section"):
-        checkpoint.config_from_dict({"optimizer": {}})
+        weights.configs.config_from_dict({"optimizer": {}})
 
 
 @pytest.mark.parametrize("form", ["module", "state", "nested", "flat"])
@@ -60,10 +60,10 @@ def test_save_and_load_model(tmp_path, tiny_model, form):
     cfg = tiny_model.cfg
     params = {"module": tiny_model, "state": nnx.state(tiny_model, nnx.Param),
               "nested": nnx.state(tiny_model, nnx.Param).to_pure_dict(), "flat": flat_params(tiny_model)}[form]
-    checkpoint.save_model(tmp_path / "m", cfg, params)
+    weights.save_model(tmp_path / "m", cfg, params)
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "params").is_dir()
-    assert checkpoint.find_checkpoint(tmp_path / "m").kind == "molmo_jax"
-    cfg2, model = checkpoint.load_model(tmp_path / "m")
+    assert weights.find_checkpoint(tmp_path / "m").kind == "molmo_jax"
+    cfg2, model = weights.load(tmp_path / "m")
     assert cfg2.to_dict() == cfg.to_dict()
     assert_same_params(model, tiny_model)
     assert not list(tmp_path.glob(".m.*")), "temporary directory left behind"
@@ -71,12 +71,12 @@ def test_save_and_load_model(tmp_path, tiny_model, form):
 
 def test_bf16_params_are_stored_as_bf16_and_cast_on_load(tmp_path, tiny_model):
     flat = {k: v.astype(jnp.bfloat16) for k, v in flat_params(tiny_model).items()}
-    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
-    assert checkpoint.load_config(tmp_path / "m").param_dtype == "bfloat16"
-    cfg, model = checkpoint.load_model(tmp_path / "m")
+    weights.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    assert weights.load_config(tmp_path / "m").param_dtype == "bfloat16"
+    cfg, model = weights.load(tmp_path / "m")
     assert cfg.param_dtype == "bfloat16"
     assert {a.dtype for a in flat_params(model).values()} == {np.dtype(jnp.bfloat16)}
-    cfg, model = checkpoint.load_model(tmp_path / "m", dtype="float32")
+    cfg, model = weights.load(tmp_path / "m", dtype="float32")
     assert cfg.param_dtype == "float32"
     got = flat_params(model)
     for k, v in flat.items():
@@ -84,13 +84,13 @@ def test_bf16_params_are_stored_as_bf16_and_cast_on_load(tmp_path, tiny_model):
 
 
 def test_restore_straight_into_shardings(tmp_path, tiny_model):
-    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, tiny_model)
+    weights.save_model(tmp_path / "m", tiny_model.cfg, tiny_model)
     mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
-    shapes = pretrained.param_paths(tiny_model.cfg)
+    shapes = weights.params.param_paths(tiny_model.cfg)
     # Shard the layer-stacked LLM kernels' second axis over fsdp where it divides, replicate the rest.
     shardings = {p: NamedSharding(mesh, P(None, "fsdp") if len(s) == 3 and s[1] % 4 == 0 else P())
                  for p, s in shapes.items()}
-    cfg, model = checkpoint.load_model(tmp_path / "m", shardings=checkpoint.nested(shardings))
+    cfg, model = weights.load(tmp_path / "m", shardings=weights.params.nested(shardings))
     state = {tuple(str(k) for k in p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     n_sharded = 0
     for path, array in state.items():
@@ -118,19 +118,19 @@ def test_training_checkpoints(tmp_path, tiny_model, monkeypatch):
     work = tmp_path / "run"
     write_training_run(work, tiny_model, steps=(2, 5))
     (work / "checkpoints" / "9.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save is skipped
-    info = checkpoint.find_checkpoint(work)
+    info = weights.find_checkpoint(work)
     assert (info.kind, info.step) == ("training", 5)
-    _, model = checkpoint.load_model(work)
+    _, model = weights.load(work)
     want = {k: v * 5 for k, v in flat_params(tiny_model).items()}
     for k, v in flat_params(model).items():
         np.testing.assert_allclose(v, want[k], rtol=1e-6, err_msg=".".join(k))
-    info = checkpoint.find_checkpoint(work / "checkpoints" / "2")
+    info = weights.find_checkpoint(work / "checkpoints" / "2")
     assert (info.kind, info.step, info.config_path) == ("training", 2, work / "config.json")
-    _, model2 = checkpoint.load_model(work / "checkpoints" / "2")
+    _, model2 = weights.load(work / "checkpoints" / "2")
     np.testing.assert_allclose(flat_params(model2)[("llm", "ln_f", "weight")],
                                2 * flat_params(tiny_model)[("llm", "ln_f", "weight")], rtol=1e-6)
     monkeypatch.chdir(tmp_path)  # a relative path (orbax gave no metadata for one: "runs/x" failed)
-    _, model3 = checkpoint.load_model("run", shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    _, model3 = weights.load("run", shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     np.testing.assert_allclose(flat_params(model3)[("llm", "ln_f", "weight")],
                                5 * flat_params(tiny_model)[("llm", "ln_f", "weight")], rtol=1e-6)
     empty = tmp_path / "empty_run"
@@ -138,32 +138,31 @@ def test_training_checkpoints(tmp_path, tiny_model, monkeypatch):
     shutil.copy(work / "config.json", empty / "config.json")
     (empty / "checkpoints").mkdir()
     with pytest.raises(WeightsError, match="without any finished checkpoint"):
-        checkpoint.find_checkpoint(empty)
+        weights.find_checkpoint(empty)
 
 
 def test_find_checkpoint_kinds_and_errors(tmp_path):
     golden = GOLDEN / "models" / "qwen2_style"
-    assert checkpoint.find_checkpoint(golden).kind == "pytorch"
-    assert checkpoint.find_checkpoint(golden / "model.safetensors").kind == "pytorch"
+    assert weights.find_checkpoint(golden).kind == "pytorch"
+    assert weights.find_checkpoint(golden / "model.safetensors").kind == "pytorch"
     with pytest.raises(WeightsError, match="no such file or directory"):
-        checkpoint.find_checkpoint(tmp_path / "nothing")
+        weights.find_checkpoint(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="not a checkpoint. Expected a molmo_jax model directory"):
-        checkpoint.find_checkpoint(tmp_path / "empty")
+        weights.find_checkpoint(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(WeightsError, match="not a checkpoint"):
-        checkpoint.find_checkpoint(tmp_path / "notes.txt")
-    with pytest.raises(WeightsError, match="use load_any"):
-        checkpoint.load_model(golden)
+        weights.find_checkpoint(tmp_path / "notes.txt")
 
 
-def test_load_any_converts_pytorch_in_memory():
+def test_load_converts_pytorch_in_memory_as_import_does(tmp_path):
     golden = GOLDEN / "models" / "olmo_style"
-    cfg, model = checkpoint.load_any(golden)
-    _, reference = pretrained.load_pytorch_dir(golden)
+    cfg, model = weights.load(golden)
+    weights.import_checkpoint(golden, tmp_path / "imported")
+    _, reference = weights.load(tmp_path / "imported")
     assert cfg.llm.norm_after and cfg.vit.n_layers == 9
     assert_same_params(model, reference)
-    assert checkpoint.load_config(golden).to_dict() == cfg.to_dict()
+    assert weights.load_config(golden).to_dict() == cfg.to_dict()
 
 
 def test_save_model_checks_and_never_leaves_partial_output(tmp_path, tiny_model):
@@ -171,18 +170,18 @@ def test_save_model_checks_and_never_leaves_partial_output(tmp_path, tiny_model)
     bad = dict(flat)
     bad[("llm", "ln_f", "weight")] = np.ones(65, np.float32)
     with pytest.raises(WeightsError, match=r"llm.ln_f.weight has shape \(65,\) but the config expects \(64,\)"):
-        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, bad)
+        weights.save_model(tmp_path / "m", tiny_model.cfg, bad)
     del bad[("llm", "ln_f", "weight")]
     with pytest.raises(WeightsError, match="missing parameters llm.ln_f.weight"):
-        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, bad)
+        weights.save_model(tmp_path / "m", tiny_model.cfg, bad)
     # A failure after the parameters were written (tokenizer directory missing) removes everything.
-    with pytest.raises(WeightsError, match="tokenizer directory not found"):
-        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat, tokenizer_dir=tmp_path / "no_tok")
+    with pytest.raises(WeightsError, match="no_tok: no tokenizer files there"):
+        weights.save_model(tmp_path / "m", tiny_model.cfg, flat, tokenizer_dir=tmp_path / "no_tok")
     assert list(tmp_path.iterdir()) == []
-    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    weights.save_model(tmp_path / "m", tiny_model.cfg, flat)
     with pytest.raises(WeightsError, match="already exists"):
-        checkpoint.save_model(tmp_path / "m", tiny_model.cfg, flat)
-    checkpoint.save_model(tmp_path / "m", tiny_model.cfg, {k: v * 2 for k, v in flat.items()}, overwrite=True)
-    _, model = checkpoint.load_model(tmp_path / "m")
+        weights.save_model(tmp_path / "m", tiny_model.cfg, flat)
+    weights.save_model(tmp_path / "m", tiny_model.cfg, {k: v * 2 for k, v in flat.items()}, overwrite=True)
+    _, model = weights.load(tmp_path / "m")
     np.testing.assert_array_equal(flat_params(model)[("llm", "ln_f", "weight")], 2 * flat[("llm", "ln_f", "weight")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -110,8 +110,8 @@ RELEASED_HF_CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(RELEASED_HF_CONFIGS))
 def test_released_hf_config_matches_preset(name):
-    from molmo_jax import torch_format
-    got = torch_format.config_from_hf(RELEASED_HF_CONFIGS[name], name)
+    from molmo_jax.weights.mappings.molmo import config_from_released
+    got = config_from_released(RELEASED_HF_CONFIGS[name], name)
     want = config_lib.get_config(name)
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "vocab_size",
                 "embedding_size", "qkv_bias", "qk_norm", "norm_after", "norm_eps", "rope_theta"):

@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_parity import hf_logits, patchify, tiny_clip, tiny_llm, token_batch  # noqa: E402
 
-from molmo_jax import checkpoint  # noqa: E402
-from molmo_jax.convert import init_from_base  # noqa: E402
-from molmo_jax.torch_format import WeightsError  # noqa: E402
+from molmo_jax import weights  # noqa: E402
+from molmo_jax.weights import init_from_base  # noqa: E402
+from molmo_jax.weights import WeightsError  # noqa: E402
 
 TOL = 1e-4
 
@@ -39,7 +39,7 @@ def test_init_from_base_matches_transformers(tmp_path, clip_dir, kind):
     summary = init_from_base(vit_dir, llm_dir, tmp_path / "molmo", vit_layers=(-1, -2), seed=5,
                              additional_vocab_size=16, max_sequence_length=512)
     assert any("fresh connector" in n for n in summary.notes)
-    cfg, model = checkpoint.load_model(tmp_path / "molmo")
+    cfg, model = weights.load(tmp_path / "molmo")
     assert cfg.vit.n_layers == 3 and cfg.llm.n_layers == llm.config.num_hidden_layers
     assert cfg.llm.moe_num_experts == (8 if kind == "olmoe" else 0)
     assert (tmp_path / "molmo" / "tokenizer" / "tokenizer.json").is_file()
@@ -73,7 +73,7 @@ def test_init_from_base_is_deterministic_and_casts(tmp_path, clip_dir):
     _, llm_dir = saved_llm("qwen2", tmp_path)
     init_from_base(vit_dir, llm_dir, tmp_path / "a", vit_layers=(-1,), seed=1, dtype="bfloat16")
     init_from_base(vit_dir, llm_dir, tmp_path / "b", vit_layers=(-1,), seed=1, dtype="bfloat16")
-    (cfg, a), (_, b) = checkpoint.load_model(tmp_path / "a"), checkpoint.load_model(tmp_path / "b")
+    (cfg, a), (_, b) = weights.load(tmp_path / "a"), weights.load(tmp_path / "b")
     assert cfg.param_dtype == "bfloat16" and a.llm.embedding[...].dtype == np.dtype("bfloat16")
     np.testing.assert_array_equal(np.asarray(a.connector.w2.kernel[...]), np.asarray(b.connector.w2.kernel[...]))
     np.testing.assert_array_equal(np.asarray(a.llm.new_embedding[...]), np.asarray(b.llm.new_embedding[...]))
@@ -97,7 +97,7 @@ def test_init_from_base_errors(tmp_path, clip_dir):
     state["model.layers.1.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
     state["model.layers.3.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)  # the config has 3 layers
     save_file(state, llm_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(WeightsError, match=r"unexpected keys model.layers.3.\* \(the config has 3 layers\)"):
+    with pytest.raises(WeightsError, match=r"unexpected keys for this config: 'model.layers.3.mlp.up_proj.weight'"):
         init_from_base(vit_dir, llm_dir, tmp_path / "dst", vit_layers=(-1,))
     del state["model.layers.3.mlp.up_proj.weight"]
     state["model.layers.2.mlp.up_proj.weight"][0, 0] = np.nan

@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
     model = model_lib.create_model(config.tiny(), seed=3)
     # Well separated logits: greedy tokens do not hinge on float noise (the mesh test compares them).
     model.llm.ff_out.kernel.value = model.llm.ff_out.kernel.value * 10.0
-    checkpoint.save_model(root / "model", model.cfg, model)
+    weights.save_model(root / "model", model.cfg, model)
     return root
 
 

@@ -11,7 +11,7 @@ from conftest import GOLDEN
 from molmo_jax import config as config_lib
 from molmo_jax import generate as gen_lib
 from molmo_jax import models as model_lib
-from molmo_jax import pretrained, sharding
+from molmo_jax import sharding, weights
 from molmo_jax.preprocess import MolmoTokenizer
 
 EOS = 384  # the golden tokenizer's <|endoftext|>
@@ -21,7 +21,7 @@ MODELS = ["olmo_style", "qwen2_style"]
 @functools.lru_cache(maxsize=None)
 def setup(name):
     path = GOLDEN / "models" / name
-    cfg, model = pretrained.load_pytorch_dir(path)
+    cfg, model = weights.load(path)
     return cfg, model, gen_lib.Generator(model, EOS), dict(np.load(path / "inputs.npz")), dict(np.load(path / "expected.npz"))
 
 

@@ -1,4 +1,4 @@
-"""Base-model mappings (molmo_jax.hf_base) against `transformers` itself, float32 on CPU.
+"""Base-model mappings (molmo_jax.weights.mappings.clip / hf_llm) against `transformers` itself, float32 on CPU.
 
 Tiny random HF models are built here (no hub access); their weights are randomised well away from
 the HF init (norm weights != 1, router logits spread out) so that a swapped or misplaced tensor
@@ -12,10 +12,11 @@ import torch  # test-only dependencies: molmo_jax itself never imports them
 import transformers
 
 from molmo_jax import config as config_lib
-from molmo_jax import hf_base
+from molmo_jax.weights.mappings import clip as clip_mapping
+from molmo_jax.weights.mappings import hf_llm as llm_mapping
 from molmo_jax.models import create_model
-from molmo_jax.pretrained import model_from_flat, model_to_flat, param_paths
-from molmo_jax.torch_format import WeightsError
+from molmo_jax.weights.params import model_from_flat, model_to_flat, param_paths
+from molmo_jax.weights import WeightsError
 
 TOL = 1e-4
 VOCAB = 300
@@ -75,10 +76,10 @@ def patchify(pixels, patch):
 
 def test_clip_vision_tower_matches_transformers(tmp_path):
     hf = tiny_clip(n_layers=4)
-    vit_values = hf_base.vit_config_from_clip(hf.config.to_dict())
+    vit_values = clip_mapping.vit_config_from_clip(hf.config.to_dict())
     assert vit_values["n_layers"] == 3  # all but the last, as Molmo keeps 23 of 24
     cfg = molmo_cfg_with_vit(vit_values)
-    mapped = hf_base.vit_from_clip(saved_state(hf, tmp_path), cfg)
+    mapped = clip_mapping.from_state(saved_state(hf, tmp_path), cfg)
     expected = {p: s for p, s in param_paths(cfg).items() if p[0] == "vision"}
     assert {p: a.shape for p, a in mapped.items()} == expected
 
@@ -108,12 +109,12 @@ def test_full_clip_model_keys_are_accepted():
                          vocab_size=99),
         projection_dim=16)
     clip = randomise(transformers.CLIPModel(config), 2)
-    vit_values = hf_base.vit_config_from_clip(config.to_dict(), n_layers_kept=2)
+    vit_values = clip_mapping.vit_config_from_clip(config.to_dict(), n_layers_kept=2)
     cfg = molmo_cfg_with_vit(vit_values)
     state = numpy_state(clip)
     assert any(k.startswith("vision_model.") for k in state) and any(k.startswith("text_model.") for k in state)
-    from_full = hf_base.vit_from_clip(state, cfg)
-    from_tower = hf_base.vit_from_clip(numpy_state(clip.vision_model), cfg)
+    from_full = clip_mapping.from_state(state, cfg)
+    from_tower = clip_mapping.from_state(numpy_state(clip.vision_model), cfg)
     assert from_full.keys() == from_tower.keys()
     for path in from_full:
         np.testing.assert_array_equal(from_full[path], from_tower[path])
@@ -125,27 +126,27 @@ def test_full_clip_model_keys_are_accepted():
 def test_clip_config_errors():
     d = tiny_clip(n_layers=2).config.to_dict()
     with pytest.raises(WeightsError, match="cannot keep 3 of its 2 layers"):
-        hf_base.vit_config_from_clip(d, n_layers_kept=3)
+        clip_mapping.vit_config_from_clip(d, n_layers_kept=3)
     with pytest.raises(WeightsError, match="hidden_act='relu'"):
-        hf_base.vit_config_from_clip({**d, "hidden_act": "relu"})
+        clip_mapping.vit_config_from_clip({**d, "hidden_act": "relu"})
 
 
 def test_clip_key_errors():
     hf = tiny_clip(n_layers=2)
-    cfg = molmo_cfg_with_vit(hf_base.vit_config_from_clip(hf.config.to_dict()))
+    cfg = molmo_cfg_with_vit(clip_mapping.vit_config_from_clip(hf.config.to_dict()))
     state = numpy_state(hf)
     missing = dict(state)
     del missing["encoder.layers.0.mlp.fc1.bias"]
     with pytest.raises(WeightsError,
-                       match=r"missing key 'encoder\.layers\.0\.mlp\.fc1\.bias' \(expected shape \(64,\)\)"):
-        hf_base.vit_from_clip(missing, cfg)
+                       match=r"missing keys.*'encoder\.layers\.0\.mlp\.fc1\.bias' \(64,\)"):
+        clip_mapping.from_state(missing, cfg)
     bad = {**state, "embeddings.patch_embedding.weight": np.zeros((32, 3, 16, 16), np.float32)}
     with pytest.raises(WeightsError, match=r"'embeddings\.patch_embedding\.weight' has shape \(32, 3, 16, 16\) "
                                            r"but the config expects \(32, 3, 14, 14\)"):
-        hf_base.vit_from_clip(bad, cfg)
+        clip_mapping.from_state(bad, cfg)
     extra = {**state, "embeddings.patch_embedding.bias": np.zeros((32,), np.float32)}
     with pytest.raises(WeightsError, match=r"unexpected keys.*'embeddings\.patch_embedding\.bias' \(32,\)"):
-        hf_base.vit_from_clip(extra, cfg)
+        clip_mapping.from_state(extra, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,10 +208,10 @@ def max_diff_on_valid(a, b, valid):
 ])
 def test_llm_logits_match_transformers(kind, overrides, tmp_path):
     hf = tiny_llm(kind)
-    values = hf_base.llm_config_from_hf(hf.config.to_dict())
+    values = llm_mapping.llm_config_from_hf(hf.config.to_dict())
     assert values["rope_theta"] == 50_000.0 and values["eos_token_id"] == 7
     cfg = molmo_cfg_with_llm(values, **overrides)
-    mapped = hf_base.llm_from_hf(saved_state(hf, tmp_path), cfg)
+    mapped = llm_mapping.from_state(saved_state(hf, tmp_path), cfg)
     expected = {p: s for p, s in param_paths(cfg).items() if p[0] == "llm" and p != ("llm", "new_embedding")}
     assert {p: a.shape for p, a in mapped.items()} == expected
 
@@ -241,8 +242,8 @@ def test_swapped_up_and_gate_would_be_caught(tmp_path):
     """Negative control for the parity test: the classic mistake (gate and up exchanged) moves the
     logits by far more than the tolerance."""
     hf = tiny_llm("qwen2")
-    cfg = molmo_cfg_with_llm(hf_base.llm_config_from_hf(hf.config.to_dict()))
-    mapped = hf_base.llm_from_hf(numpy_state(hf), cfg)
+    cfg = molmo_cfg_with_llm(llm_mapping.llm_config_from_hf(hf.config.to_dict()))
+    mapped = llm_mapping.from_state(numpy_state(hf), cfg)
     up, gate = ("llm", "blocks", "ffn", "w_up", "kernel"), ("llm", "blocks", "ffn", "w_gate", "kernel")
     mapped[up], mapped[gate] = mapped[gate], mapped[up]
     ids, valid = token_batch()
@@ -253,11 +254,11 @@ def test_olmoe_fused_in_memory_experts_equal_saved_per_expert_keys(tmp_path):
     """transformers 5 keeps experts fused (`experts.gate_up_proj`) in memory but writes one Linear per
     expert to disk: both forms give the same arrays."""
     hf = tiny_llm("olmoe")
-    cfg = molmo_cfg_with_llm(hf_base.llm_config_from_hf(hf.config.to_dict()))
+    cfg = molmo_cfg_with_llm(llm_mapping.llm_config_from_hf(hf.config.to_dict()))
     in_memory, on_disk = numpy_state(hf), saved_state(hf, tmp_path)
     assert "model.layers.0.mlp.experts.gate_up_proj" in in_memory
     assert "model.layers.0.mlp.experts.7.up_proj.weight" in on_disk
-    a, b = hf_base.llm_from_hf(in_memory, cfg), hf_base.llm_from_hf(on_disk, cfg)
+    a, b = llm_mapping.from_state(in_memory, cfg), llm_mapping.from_state(on_disk, cfg)
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=".".join(path))
@@ -267,31 +268,31 @@ def test_tied_embeddings_are_copied(tmp_path):
     hf = tiny_llm("qwen2", tie=True)
     state = saved_state(hf, tmp_path)
     assert "lm_head.weight" not in state  # save_pretrained drops the tied head
-    cfg = molmo_cfg_with_llm(hf_base.llm_config_from_hf(hf.config.to_dict()))
-    with pytest.raises(WeightsError, match="missing key 'lm_head.weight'"):
-        hf_base.llm_from_hf(state, cfg)
-    mapped = hf_base.llm_from_hf(state, cfg, tie_word_embeddings=True)
+    cfg = molmo_cfg_with_llm(llm_mapping.llm_config_from_hf(hf.config.to_dict()))
+    with pytest.raises(WeightsError, match="missing keys.*'lm_head.weight'"):
+        llm_mapping.from_state(state, cfg)
+    mapped = llm_mapping.from_state(state, cfg, tie_word_embeddings=True)
     np.testing.assert_array_equal(mapped[("llm", "ff_out", "kernel")], state["model.embed_tokens.weight"].T)
 
 
 def test_llm_key_errors():
     hf = tiny_llm("olmo2")
     state = numpy_state(hf)
-    cfg = molmo_cfg_with_llm(hf_base.llm_config_from_hf(hf.config.to_dict()))
+    cfg = molmo_cfg_with_llm(llm_mapping.llm_config_from_hf(hf.config.to_dict()))
     missing = {k: v for k, v in state.items() if k != "model.layers.2.self_attn.k_norm.weight"}
-    with pytest.raises(WeightsError, match=r"missing key 'model\.layers\.2\.self_attn\.k_norm\.weight' "
-                                           r"\(expected shape \(32,\)\)"):
-        hf_base.llm_from_hf(missing, cfg)
+    with pytest.raises(WeightsError, match=r"missing keys.*'model\.layers\.2\.self_attn\.k_norm\.weight' "
+                                           r"\(32,\)"):
+        llm_mapping.from_state(missing, cfg)
     bad = {**state, "model.layers.1.mlp.up_proj.weight": np.zeros((64, 96), np.float32)}
     with pytest.raises(WeightsError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape \(64, 96\) "
                                            r"but the config expects \(96, 64\)"):
-        hf_base.llm_from_hf(bad, cfg)
+        llm_mapping.from_state(bad, cfg)
     extra = {**state, "model.layers.0.input_layernorm.weight": np.ones((64,), np.float32)}
     with pytest.raises(WeightsError, match=r"unexpected keys.*'model\.layers\.0\.input_layernorm\.weight'"):
-        hf_base.llm_from_hf(extra, cfg)  # OLMo-2 has no input norms: a Qwen2 layout is refused
-    wrong_vocab = molmo_cfg_with_llm({**hf_base.llm_config_from_hf(hf.config.to_dict()), "embedding_size": 320})
+        llm_mapping.from_state(extra, cfg)  # OLMo-2 has no input norms: a Qwen2 layout is refused
+    wrong_vocab = molmo_cfg_with_llm({**llm_mapping.llm_config_from_hf(hf.config.to_dict()), "embedding_size": 320})
     with pytest.raises(WeightsError, match=r"'model\.embed_tokens\.weight' has shape \(300, 64\)"):
-        hf_base.llm_from_hf(state, wrong_vocab)
+        llm_mapping.from_state(state, wrong_vocab)
 
 
 @pytest.mark.parametrize("kind, change, message", [
@@ -311,14 +312,14 @@ def test_llm_key_errors():
 def test_unsupported_llm_configs_are_refused(kind, change, message):
     d = {**tiny_llm(kind).config.to_dict(), **change}
     with pytest.raises(WeightsError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        hf_base.llm_config_from_hf(d)
+        llm_mapping.llm_config_from_hf(d)
 
 
 def test_qwen2_sliding_window_switched_off_is_accepted():
     """Real Qwen2 configs carry sliding_window / max_window_layers with use_sliding_window false."""
     d = {**tiny_llm("qwen2").config.to_dict(), "use_sliding_window": False, "sliding_window": 131072,
          "max_window_layers": 1}
-    assert hf_base.llm_config_from_hf(d)["qkv_bias"] is True
+    assert llm_mapping.llm_config_from_hf(d)["qkv_bias"] is True
 
 
 # Public config.json values of the base models the released Molmos start from (spec 2, 12.2).
@@ -345,13 +346,13 @@ CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate
 def test_released_base_configs_give_the_preset_llms(hf_config, preset, own_vocab):
     """The base LLM configs map onto the released presets' decoders; only vocab_size (the Molmo
     tokenizer's size, when smaller than the embedding) is the caller's to lower."""
-    values = hf_base.llm_config_from_hf(hf_config)
+    values = llm_mapping.llm_config_from_hf(hf_config)
     want = config_lib.get_config(preset).llm
     differing = {k: (v, want[k]) for k, v in values.items() if want[k] != v}
     assert differing == ({"vocab_size": (hf_config["vocab_size"], want.vocab_size)} if own_vocab else {})
 
 
 def test_clip_l_336_gives_the_molmo_vit():
-    values = hf_base.vit_config_from_clip(CLIP_L_336)
+    values = clip_mapping.vit_config_from_clip(CLIP_L_336)
     want = config_lib.vit_config()
     assert values == {k: want[k] for k in values} and values["n_layers"] == 23

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import GOLDEN
-from molmo_jax import checkpoint as ckpt_lib
+from molmo_jax import weights as ckpt_lib
 from molmo_jax import generate as gen_lib
 from molmo_jax import inference
 from tools import infer
@@ -97,7 +97,7 @@ def test_cli_inputs_mode_reproduces_golden(name, tmp_path):
 def test_cli_single_image_from_a_molmo_jax_checkpoint(tmp_path, capsys):
     """A molmo_jax model directory carrying its tokenizer: no --tokenizer needed; --json output and
     the image with points drawn."""
-    cfg, model = ckpt_lib.load_any(QWEN)
+    cfg, model = ckpt_lib.load(QWEN)
     ckpt = ckpt_lib.save_model(tmp_path / "model", cfg, model, tokenizer_dir=TOKENIZER)
     drawn = tmp_path / "points.png"
     infer.main(["--checkpoint", str(ckpt), "--image", str(IMAGE), "--prompt", "Describe this image.",

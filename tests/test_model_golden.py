@@ -15,7 +15,7 @@ from flax import nnx
 from molmo_jax import config as config_lib
 from molmo_jax import losses
 from molmo_jax import models as model_lib
-from molmo_jax import pretrained
+from molmo_jax import weights
 
 from conftest import GOLDEN
 
@@ -27,7 +27,7 @@ ATOL_VISION = 2e-4
 @functools.lru_cache(maxsize=None)
 def load(name, dtype="float32"):
     path = GOLDEN / "models" / name
-    cfg, model = pretrained.load_pytorch_dir(path, dtype=dtype, param_dtype=dtype)
+    cfg, model = weights.load(path, dtype=dtype, param_dtype=dtype)
     inputs = dict(np.load(path / "inputs.npz"))
     expected = dict(np.load(path / "expected.npz"))
     return cfg, model, inputs, expected

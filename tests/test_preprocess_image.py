@@ -9,7 +9,7 @@ from molmo_jax.config import get_config, tiny
 from molmo_jax.preprocess import ImageSettings, process_image, select_tiling
 from molmo_jax.preprocess.image import image_layout
 from molmo_jax.preprocess.resize import resize_chw, resize_weights
-from molmo_jax.torch_format import config_from_original
+from molmo_jax.weights.mappings.molmo import config_from_original
 
 GOLDEN_NAMES = ["img_50x80", "img_336x336", "img_480x640", "img_1000x300", "img_224x1500", "img_700x700"]
 # Measured maximum |ours - golden| over the `images` of all golden files is 9.5e-7; keep a margin.

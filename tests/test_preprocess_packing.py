@@ -108,14 +108,14 @@ def test_packed_inference_and_weights_are_rejected(pre):
 
 def _random_model(cfg, seed=0):
     """A Molmo with random parameters, built from arrays (the eager random init is much slower)."""
-    from molmo_jax import pretrained
+    from molmo_jax import weights
 
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, shape in pretrained.param_paths(cfg).items():
+    for path, shape in weights.params.param_paths(cfg).items():
         n = rng.standard_normal(shape).astype(np.float32)
         flat[path] = {"weight": 1 + 0.1 * n, "bias": 0.1 * n, "kernel": 0.15 * n}.get(path[-1], 0.5 * n)
-    return pretrained.model_from_flat(cfg, flat)
+    return weights.params.model_from_flat(cfg, flat)
 
 
 def test_model_logits_of_packed_and_separate_examples_agree(pre):

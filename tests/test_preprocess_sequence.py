@@ -8,7 +8,7 @@ import pytest
 
 from molmo_jax.config import get_config, tiny
 from molmo_jax.preprocess import Collator, MolmoTokenizer, Preprocessor, SequenceError, default_seq_buckets
-from molmo_jax.torch_format import config_from_original
+from molmo_jax.weights.mappings.molmo import config_from_original
 
 GOLDEN_NAMES = ["img_50x80", "img_336x336", "img_480x640", "img_1000x300", "img_224x1500", "img_700x700"]
 

@@ -115,11 +115,11 @@ class Stage:
         and test_hf_parity's business)."""
         from molmo_jax import checkpoint
         from molmo_jax import config as config_lib
-        from molmo_jax.convert import export_checkpoint
+        from molmo_jax.weights import export_checkpoint
         from molmo_jax.models import create_model
 
         cfg = config_lib.tiny()
-        checkpoint.save_model(self.root / "_tiny_src", cfg, create_model(cfg, seed=0))
+        weights.save_model(self.root / "_tiny_src", cfg, create_model(cfg, seed=0))
         dst = self.root / "path" / "to" / "Molmo-7B-D-0924"
         export_checkpoint(self.root / "_tiny_src", dst, tokenizer=TINY_TOKENIZER, shard_size="500KB")
         return str(dst)
@@ -260,8 +260,8 @@ def _metrics(workdir: str) -> list[dict]:
 
 def _flat_params(path):
     from molmo_jax import checkpoint
-    from molmo_jax.pretrained import model_to_flat
-    _, model = checkpoint.load_any(path)
+    from molmo_jax.weights.params import model_to_flat
+    _, model = weights.load(path)
     return model_to_flat(model)
 
 
@@ -330,15 +330,15 @@ def check_aot(topology_devices):
 
 
 def check_export(stage, proc):
-    from molmo_jax import pretrained
-    from molmo_jax.pretrained import model_to_flat
+    from molmo_jax import weights
+    from molmo_jax.weights.params import model_to_flat
 
     hf = pathlib.Path(stage.out("runs/demo_hf"))
     assert "export:" in proc.stdout
     assert json.loads((hf / "config.json").read_text())["model_type"] == "molmo"
     assert (hf / "model.safetensors.index.json").is_file()
     # What PyTorch loaders read back is the trained run's latest step, number for number.
-    _, exported = pretrained.load_pytorch_dir(hf)
+    _, exported = weights.load(hf)
     got, want = model_to_flat(exported), _flat_params(stage.out("runs/ft"))
     assert got.keys() == want.keys()
     for k in want:

@@ -57,21 +57,6 @@ def _setup_environment(topology: str):
             os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
-def parse_mesh(text: str) -> dict:
-    from molmo_jax import sharding
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key not in sharding.MESH_AXES:
-            raise ValueError(f"--mesh {text!r}: expected axis=size pairs over {', '.join(sharding.MESH_AXES)}, "
-                             f"got {part!r}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise ValueError(f"--mesh {text!r}: size of {key!r} must be an integer, got {value!r}") from None
-    return out
-
-
 def _gib(x) -> str:
     return "?" if x is None else f"{x / 2 ** 30:.2f}"
 
@@ -415,7 +400,9 @@ def main(argv):
     config = _CONFIG.value
     try:
         topo = aot.parse_topology(_TOPOLOGY.value)
-        mesh = parse_mesh(_MESH.value) if _MESH.value else None
+        from molmo_jax import sharding
+
+        mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
         hbm = _HBM_GIB.value * 2 ** 30 if _HBM_GIB.value else None
         if not _SWEEP.value:
             report = aot.compile_report(config, topo, mesh, hbm_bytes=hbm, inference=_INFERENCE.value)

@@ -69,8 +69,8 @@ def main(argv=None):
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from molmo_jax import convert
-    from molmo_jax.torch_format import WeightsError
+    from molmo_jax import sharding, weights
+    from molmo_jax.weights import WeightsError
 
     bar = tqdm(unit="B", unit_scale=True, desc=args.command, disable=args.no_progress, file=sys.stderr)
 
@@ -82,20 +82,20 @@ def main(argv=None):
     common = dict(overwrite=args.overwrite, progress=progress)
     try:
         if args.command == "import":
-            mesh = convert.parse_mesh(args.mesh) if args.mesh else None
-            summary = convert.import_checkpoint(args.src, args.dst, config=args.config, dtype=args.dtype,
+            mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
+            summary = weights.import_checkpoint(args.src, args.dst, config=args.config, dtype=args.dtype,
                                                 mesh=mesh, tokenizer=args.tokenizer, **common)
         elif args.command == "export":
-            summary = convert.export_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt,
+            summary = weights.export_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt,
                                                 tokenizer=args.tokenizer, shard_size=args.shard_size,
                                                 remote_code=args.remote_code, **common)
         else:
-            summary = convert.init_from_base(
+            summary = weights.init_from_base(
                 args.vit, args.llm, args.dst, vit_layers=args.vit_layers, vit_keep=args.vit_keep,
                 vocab_size=args.vocab_size, additional_vocab_size=args.additional_vocab_size,
                 max_sequence_length=args.max_sequence_length, dtype=args.dtype, seed=args.seed,
                 tokenizer=args.tokenizer, **common)
-    except WeightsError as e:
+    except (WeightsError, sharding.MeshError) as e:
         bar.close()
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

@@ -118,11 +118,10 @@ def export_and_reload(stage_dir, export_dir, model, batch_inputs, tokenizer_dir)
     compare logits."""
     import jax.numpy as jnp
 
-    from molmo_jax import pretrained
-    from molmo_jax.convert.exporter import export_checkpoint
+    from molmo_jax import weights
 
-    export_checkpoint(stage_dir, export_dir, tokenizer=tokenizer_dir, overwrite=True)
-    _, reloaded = pretrained.load_pytorch_dir(export_dir)
+    weights.export_checkpoint(stage_dir, export_dir, tokenizer=tokenizer_dir, overwrite=True)
+    _, reloaded = weights.load(export_dir)
     args = [jnp.asarray(batch_inputs[k]) for k in ("input_ids", "images", "image_masks", "image_input_idx")]
     a, b = model(*args)["logits"], reloaded(*args)["logits"]
     return float(jnp.max(jnp.abs(a - b)))

@@ -250,18 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     """(cfg, model, mesh or None) of --checkpoint, sharded over --mesh when given."""
-    from molmo_jax import checkpoint, evaluate
-    from molmo_jax.torch_format import WeightsError
+    from molmo_jax import weights
+    from molmo_jax.weights import WeightsError
 
     mesh = None
     if args.mesh:
         from molmo_jax import sharding
         try:
-            mesh = sharding.make_mesh(evaluate.parse_mesh(args.mesh))
+            mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
         except ValueError as e:
             raise InputError(f"--mesh {args.mesh}: {e}") from None
     try:
-        cfg, model = evaluate.load_sharded(args.checkpoint, mesh) if mesh else checkpoint.load_any(args.checkpoint)
+        cfg, model = weights.load(args.checkpoint, mesh=mesh)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         raise InputError(f"--checkpoint {args.checkpoint}: {e}") from None
     return cfg, model, mesh

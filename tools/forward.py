@@ -51,13 +51,13 @@ def main(argv=None):
     from flax import nnx
 
     from molmo_jax import losses
-    from molmo_jax import pretrained
-    from molmo_jax.torch_format import WeightsError
+    from molmo_jax import weights
+    from molmo_jax.weights import WeightsError
 
     data = read_inputs(args.inputs)
     t0 = time.time()
     try:
-        cfg, model = pretrained.load_pytorch_dir(args.model_dir, dtype=args.dtype, param_dtype=args.dtype)
+        cfg, model = weights.load(args.model_dir, dtype=args.dtype, compute_dtype=args.dtype)
     except WeightsError as e:
         raise SystemExit(f"error: {e}")
     graphdef, state = nnx.split(model)

@@ -100,7 +100,7 @@ def read_requests(path) -> list[dict]:
 def load_answerer(args, mesh=None):
     from molmo_jax.inference import Answerer
     from molmo_jax.preprocess import TokenizerError
-    from molmo_jax.torch_format import WeightsError
+    from molmo_jax.weights import WeightsError
 
     try:
         return Answerer.load(args.checkpoint, args.tokenizer, mesh=mesh, max_crops=args.max_crops, style=args.style)
@@ -161,15 +161,15 @@ def run_batch(args):
 
 def run_inputs(args):
     """Parity decode: golden-style inputs -> greedy_tokens, greedy_step_logits ([N], [N, V] for one row)."""
-    from molmo_jax import checkpoint as ckpt_lib
     from molmo_jax import generate as gen_lib
+    from molmo_jax import weights
     from molmo_jax.inference import NoTokenizerError, find_tokenizer
     from molmo_jax.preprocess import MolmoTokenizer, TokenizerError
-    from molmo_jax.torch_format import WeightsError
+    from molmo_jax.weights import WeightsError
 
     data = read_inputs(args.inputs)
     try:
-        cfg, model = ckpt_lib.load_any(args.checkpoint)
+        cfg, model = weights.load(args.checkpoint)
         try:  # EOS from the tokenizer when there is one; else the config's
             eos = MolmoTokenizer(str(find_tokenizer(args.checkpoint, args.tokenizer)), cfg.llm.vocab_size).eos_id
         except NoTokenizerError:

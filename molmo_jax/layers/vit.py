@@ -7,7 +7,6 @@ block outputs named by `vit_layers` (negative = from the end), CLS row dropped.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

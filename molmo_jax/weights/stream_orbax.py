@@ -29,7 +29,9 @@ from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
-from molmo_jax.torch_format import WeightsError
+from molmo_jax.weights.errors import WeightsError
+from molmo_jax.weights.orbax_io import stored_params
+from molmo_jax.weights.params import nested
 
 CHUNK_BYTES = 64 << 20  # largest stored chunk, and bytes per write / per commit
 
@@ -138,8 +140,6 @@ def _rows_per_write(a: np.ndarray, chunk_shape) -> int:
 
 def write_params(params_dir, leaves: list[StreamedLeaf], on_written=None) -> None:
     """Save `leaves` as an orbax PyTree checkpoint at `params_dir` (which must not exist)."""
-    from molmo_jax.checkpoint import nested
-
     handler = StreamingHandler(on_written)
     registry = type_handler_registry.create_type_handler_registry((StreamedLeaf, handler))
     tree = nested({leaf.path: leaf for leaf in leaves})
@@ -194,8 +194,6 @@ class ParamReader:
     """Leaves of an orbax params checkpoint, read with tensorstore one leaf or one slice at a time."""
 
     def __init__(self, params_dir):
-        from molmo_jax.checkpoint import stored_params
-
         self.dir = pathlib.Path(params_dir).absolute()
         self.leaves = stored_params(self.dir)  # {path: (shape, dtype)}
         meta = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(self.dir).item_metadata

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from molmo_jax.torch_format import WeightsError
+from molmo_jax.weights.errors import WeightsError
 
 NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 INDEX = "model.safetensors.index.json"

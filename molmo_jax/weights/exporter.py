@@ -1,4 +1,5 @@
-"""`export`: a molmo_jax checkpoint (model directory or training run) -> the released HF layout.
+"""`export`: one of this project's checkpoints (model directory or training run) -> the released
+Hugging Face layout, or one state dict file.
 
 Output (format "hf"): `config.json` in the released format plus the `"molmo_jax"` extras,
 `model-0000k-of-0000n.safetensors` shards of at most `shard_size` bytes of tensor data, and
@@ -6,41 +7,50 @@ Output (format "hf"): `config.json` in the released format plus the `"molmo_jax"
 Format "state_dict": one safetensors file with the same keys, the molmo_jax config in its header.
 
 Everything is planned from metadata before writing (keys, shapes, dtypes, shard boundaries); then
-each conversion rule runs layer by layer, reading only that layer's slice of the stacked orbax
-leaves, and its tensors are appended to the shard being written.
+each mapping rule runs layer by layer, reading only that layer's slice of the stacked orbax leaves,
+and its tensors are appended to the shard being written.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 
-from molmo_jax import torch_format
-from molmo_jax.checkpoint import (CONFIG, TOKENIZER, atomic_output, check_destination, config_from_dict,
-                                  config_to_json, find_checkpoint, uniform_dtype)
-from molmo_jax.convert import common, hf_config, safetensors_out, validate
-from molmo_jax.convert.sources import CONFIG_METADATA_KEY
-from molmo_jax.convert.stream_orbax import ParamReader
-from molmo_jax.torch_format import PREFIX, WeightsError
+from molmo_jax.weights.configs import config_from_dict, config_to_json
+from molmo_jax.weights.errors import WeightsError, read_json
+from molmo_jax.weights.locate import CONFIG, TOKENIZER, find_checkpoint
+from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights.orbax_io import check_stored_params
+from molmo_jax.weights.params import uniform_dtype
+from molmo_jax.weights.pytorch import CONFIG_METADATA_KEY
+from molmo_jax.weights.rules import check_finite, output_dtype, torch_shapes
+from molmo_jax.weights import safetensors_out
+from molmo_jax.weights.stream_orbax import ParamReader
+from molmo_jax.weights.writing import Progress, Summary, atomic_output, check_destination, copy_tokenizer
 
 FORMATS = ("hf", "state_dict")
 REMOTE_CODE_FILES = ("*.py", "preprocessor_config.json", "processor_config.json", "generation_config.json")
+PREFIX = molmo_mapping.PREFIX
 
 
-def conversion_units(cfg) -> list[tuple]:
-    """(rule, layer) pairs in output order: unstacked tensors first, then layer by layer."""
-    rules = torch_format.rules(cfg)
-    units = [(r, None) for r in rules if not r.per_layer]
-    for which in ("llm", "vit"):
-        for i in range(torch_format.n_layers_of(cfg, which)):
-            units += [(r, i) for r in rules if r.per_layer == which]
+def conversion_units(rules) -> list[tuple]:
+    """(rule, layer) pairs in output order: unstacked tensors first, then each layer stack (the
+    decoder's, the ViT's) layer by layer."""
+    units = [(r, None) for r in rules if r.n_layers is None]
+    stacks: dict[str, list] = {}
+    for r in rules:
+        if r.n_layers is not None:
+            stacks.setdefault(r.paths[0][0], []).append(r)
+    for stack in stacks.values():
+        units += [(r, i) for i in range(stack[0].n_layers) for r in stack]
     return units
 
 
 def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_size="5GB", remote_code=None,
-                      overwrite=False, progress=None) -> common.Summary:
-    """Export the molmo_jax checkpoint `src` to `dst` (a directory for "hf", a .safetensors file for
+                      overwrite=False, progress=None) -> Summary:
+    """Export the checkpoint `src` to `dst` (a directory for "hf", a .safetensors file for
     "state_dict"). `dtype`: cast (default: each parameter's stored dtype). `tokenizer`: a directory
     whose tokenizer files are copied (default: `src`'s tokenizer/ if any). `remote_code`: a released
     checkpoint directory whose code and processor files (*.py, preprocessor_config.json, ...) are copied."""
@@ -53,18 +63,15 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
     info = find_checkpoint(src)
     if info.kind == "pytorch":
         raise WeightsError(f"{src}: already a PyTorch checkpoint; export takes a molmo_jax checkpoint")
-    cfg = config_from_dict(json.loads(pathlib.Path(info.config_path).read_text()), str(info.config_path))
+    cfg = config_from_dict(read_json(info.config_path), str(info.config_path))
     reader = ParamReader(info.params_dir)
-    validate.check_stored_params(cfg, reader.leaves, info.params_dir)
-    out_dtype = {p: validate.output_dtype(dtype) if dtype else np.dtype(d).name for p, (_, d) in reader.leaves.items()}
+    check_stored_params(cfg, reader.leaves, info.params_dir)
+    out_dtype = {p: output_dtype(dtype) if dtype else np.dtype(d).name for p, (_, d) in reader.leaves.items()}
 
-    torch_shapes = validate.torch_shapes(cfg)
-    units = conversion_units(cfg)
-    entries = []
-    for rule, i in units:
-        for key in rule.torch_keys:
-            key = key.format(i=i) if i is not None else key
-            entries.append((PREFIX + key, torch_shapes[key], out_dtype[rule.paths[0]]))
+    rules = molmo_mapping.rules(cfg)
+    shapes = torch_shapes(rules, cfg)
+    units = conversion_units(rules)
+    entries = [(PREFIX + key, shapes[key], out_dtype[rule.paths[0]]) for rule, i in units for key in rule.keys(i)]
     torch_dtype = uniform_dtype(out_dtype.values()) or "float32"
     if fmt == "hf":
         shards = safetensors_out.plan_shards(entries, max_bytes)
@@ -76,11 +83,11 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
         exported.param_dtype = torch_dtype
         metadata = {"format": "pt", CONFIG_METADATA_KEY: config_to_json(exported)}
 
-    summary = common.Summary("export", str(src), str(dst), cfg.name, n_tensors=len(entries), dtype=torch_dtype,
-                             n_params=sum(int(np.prod(s)) for s, _ in reader.leaves.values()), files=len(shards))
+    summary = Summary("export", str(src), str(dst), cfg.name, n_tensors=len(entries), dtype=torch_dtype,
+                      n_params=sum(int(np.prod(s)) for s, _ in reader.leaves.values()), files=len(shards))
     if info.step is not None:
         summary.notes.append(f"training checkpoint, step {info.step}")
-    count = common.Progress(summary, progress, sum(safetensors_out.nbytes(s, d) for _, s, d in entries))
+    count = Progress(summary, progress, sum(safetensors_out.nbytes(s, d) for _, s, d in entries))
     with atomic_output(dst, overwrite) as tmp:
         if fmt == "hf":
             tmp.mkdir()
@@ -92,28 +99,25 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
                 arrays = []
                 for path in rule.paths:
                     a = reader.read(path, i)
-                    validate.check_finite(a, f"{info.params_dir}: parameter {'.'.join(path)}"
-                                             + ("" if i is None else f"[{i}]"))
+                    check_finite(a, f"{info.params_dir}: parameter {'.'.join(path)}" + ("" if i is None else f"[{i}]"))
                     arrays.append(a.astype(out_dtype[path], copy=False))
-                for key, a in zip(rule.torch_keys, rule.to_torch(arrays)):
-                    key = PREFIX + (key.format(i=i) if i is not None else key)
-                    writer.write(key, a)
+                for key, a in zip(rule.keys(i), rule.to_torch(arrays)):
+                    writer.write(PREFIX + key, a)
                     count(key, a.nbytes)
         if fmt == "hf":
             writer.write_index()
-            (tmp / CONFIG).write_text(json.dumps(hf_config.to_released(cfg, torch_dtype), indent=2) + "\n")
+            released = molmo_mapping.to_released(cfg, torch_dtype)
+            (tmp / CONFIG).write_text(json.dumps(released, indent=2) + "\n")
             _copy_extras(tmp, info, tokenizer, remote_code, summary)
     return summary.finish()
 
 
 def _copy_extras(tmp: pathlib.Path, info, tokenizer, remote_code, summary):
-    import shutil
-
     if tokenizer is not None:
-        common.copy_tokenizer(tokenizer, tmp)
+        copy_tokenizer(tokenizer, tmp)
     else:
         model_dir = info.path if info.kind == "molmo_jax" else info.config_path.parent
-        if common.copy_tokenizer(model_dir / TOKENIZER, tmp, required=False):
+        if copy_tokenizer(model_dir / TOKENIZER, tmp, required=False):
             summary.notes.append(f"tokenizer files copied from {model_dir / TOKENIZER}")
     if remote_code is not None:
         remote_code = pathlib.Path(remote_code)

@@ -1,19 +1,63 @@
-"""Small pieces shared by import, export and init-from-base: the run summary, tokenizer files."""
+"""Writing checkpoints safely, and what a conversion reports.
+
+Every writer validates first and writes into a temporary sibling of its destination that becomes
+the destination by one rename, only when everything succeeded (`atomic_output`).
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
 import resource
+import secrets
 import shutil
 import sys
 import time
 
-from molmo_jax.torch_format import WeightsError
+from molmo_jax.weights.errors import WeightsError
 
 # Files that make up a Hugging Face tokenizer (whichever of them a directory has are copied).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.json",
                    "chat_template.jinja")
+
+
+def check_destination(dst, overwrite=False) -> pathlib.Path:
+    dst = pathlib.Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise WeightsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
+    return dst
+
+
+def _remove(path: pathlib.Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(dst, overwrite=False):
+    """Yields a temporary sibling path to write `dst` into (a directory or a file); it becomes `dst`
+    by a rename only when the block succeeds. On any failure, Ctrl-C included, the temporary is
+    removed and `dst` is left as it was, so a failed run never leaves a `dst` that looks valid."""
+    dst = check_destination(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+    tmp = dst.parent / f".{dst.name}.partial-{tag}"
+    try:
+        yield tmp
+        if dst.exists():  # --overwrite: move the old one aside so dst is never half old, half new
+            old = dst.parent / f".{dst.name}.old-{tag}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            _remove(old)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def peak_rss_bytes() -> int:

@@ -1,4 +1,4 @@
-"""Loading PyTorch-format directories: both layouts, and clear errors for bad checkpoints."""
+"""Loading PyTorch-format Molmo directories through molmo_jax.weights: both layouts, and clear errors."""
 import json
 import shutil
 import subprocess
@@ -9,8 +9,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import GOLDEN
-from molmo_jax import pretrained, torch_format
-from molmo_jax.torch_format import WeightsError
+from molmo_jax import weights
+from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights import WeightsError
+from molmo_jax.weights.rules import to_flat, to_torch
 
 SRC = GOLDEN / "models" / "qwen2_style"
 
@@ -26,10 +28,12 @@ def copy_model(tmp_path, tensors=None, config=None):
 
 
 def test_roundtrip_torch_naming_is_exact():
-    cfg = pretrained.load_config(SRC)
+    cfg = weights.load_config(SRC)
     tensors = load_file(SRC / "model.safetensors")
-    flat = torch_format.torch_to_flat(cfg, lambda k: tensors["model." + k], pretrained.param_paths(cfg))
-    back = torch_format.flat_to_torch(cfg, flat)
+    rules = molmo_mapping.rules(cfg)
+    flat = to_flat(rules, lambda k: tensors["model." + k])
+    assert flat.keys() == weights.params.param_paths(cfg).keys()
+    back = to_torch(rules, flat, prefix="model.")
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -48,44 +52,43 @@ def test_sharded_hf_layout_loads_the_same(tmp_path):
     for name, ks in halves.items():
         save_file({k: tensors[k] for k in ks}, d / name)
         weight_map.update({k: name for k in ks})
-    (d / pretrained.INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = pretrained.load_config(SRC)
-    a, b = pretrained.load_flat(cfg, SRC), pretrained.load_flat(cfg, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (_, a), (_, b) = weights.read_pytorch(SRC), weights.read_pytorch(d)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     # A shard missing from the directory is named.
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(WeightsError, match="model-00002-of-00002.safetensors"):
-        pretrained.load_flat(cfg, d)
+        weights.read_pytorch(d)
 
 
 def test_missing_key_is_named(tmp_path):
     tensors = load_file(SRC / "model.safetensors")
     del tensors["model.transformer.blocks.1.ff_out.weight"]
-    with pytest.raises(WeightsError, match=r"missing key 'model.transformer.blocks.1.ff_out.weight'"):
-        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+    with pytest.raises(WeightsError, match=r"missing keys.*'model.transformer.blocks.1.ff_out.weight'"):
+        weights.load(copy_model(tmp_path, tensors))
 
 
 def test_unexpected_key_is_named(tmp_path):
     tensors = load_file(SRC / "model.safetensors")
     tensors["model.transformer.blocks.0.extra.weight"] = np.zeros(3, np.float32)
     with pytest.raises(WeightsError, match="unexpected keys.*blocks.0.extra.weight"):
-        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+        weights.load(copy_model(tmp_path, tensors))
 
 
 def test_misshaped_key_names_key_and_both_shapes(tmp_path):
     tensors = load_file(SRC / "model.safetensors")
     tensors["model.transformer.ln_f.weight"] = np.ones(65, np.float32)
     with pytest.raises(WeightsError, match=r"transformer.ln_f.weight.*\(65,\).*\(64,\)"):
-        pretrained.load_pytorch_dir(copy_model(tmp_path, tensors))
+        weights.load(copy_model(tmp_path, tensors))
 
 
 def test_config_that_does_not_match_weights(tmp_path):
     config = json.loads((SRC / "config.json").read_text())
     config["n_layers"] = 3  # the weights have 2 blocks
-    with pytest.raises(WeightsError, match="missing key 'model.transformer.blocks.2"):
-        pretrained.load_pytorch_dir(copy_model(tmp_path, config=config))
+    with pytest.raises(WeightsError, match="missing keys.*'model.transformer.blocks.2"):
+        weights.load(copy_model(tmp_path, config=config))
 
 
 def test_truncated_safetensors(tmp_path):
@@ -93,14 +96,14 @@ def test_truncated_safetensors(tmp_path):
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="model.safetensors"):
-        pretrained.load_pytorch_dir(d)
+        weights.load(d)
 
 
 def test_unsupported_config_field(tmp_path):
     config = json.loads((SRC / "config.json").read_text())
     config["vision_backbone"]["image_model_type"] = "siglip"
     with pytest.raises(WeightsError, match="image_model_type='siglip'"):
-        pretrained.load_pytorch_dir(copy_model(tmp_path, config=config))
+        weights.load(copy_model(tmp_path, config=config))
 
 
 def test_forward_command_writes_golden_names(tmp_path):

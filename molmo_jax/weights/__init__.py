@@ -1,0 +1,70 @@
+"""Every weight format, in and out, behind two entries:
+
+    cfg, model = weights.load(PATH)        this project's model directory, a training run (latest
+                                           step) or step, an original / released PyTorch Molmo
+                                           directory or a state dict file (converted in memory)
+    weights.save(DIR, cfg, params)         a model directory (config.json + orbax params/)
+
+and the streaming converters behind `python -m tools.convert`: `import_checkpoint` (PyTorch Molmo
+-> model directory), `export_checkpoint` (-> released HF layout or a state dict file) and
+`init_from_base` (HF CLIP + Qwen2 / OLMo-2 / OLMoE -> a Molmo for stage 1).
+
+Inside, imports run one way, from the converters down: `locate` (what a path is), `pytorch` (Molmo
+configs and tensors), `orbax_io` / `stream_orbax` (this project's format), `mappings/<family>.py`
+(names and layouts as data) over `rules` (the engine), `tensors` (the one reader), `params`,
+`configs`, `errors`. Every failure is a `WeightsError` naming the file, the key and the shapes.
+"""
+from __future__ import annotations
+
+from molmo_jax.weights.configs import config_from_dict
+from molmo_jax.weights.errors import WeightsError, read_json
+from molmo_jax.weights.exporter import export_checkpoint
+from molmo_jax.weights.from_base import init_from_base
+from molmo_jax.weights.importer import import_checkpoint
+from molmo_jax.weights.locate import CheckpointInfo, find_checkpoint
+from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path
+from molmo_jax.weights.params import model_from_flat, uniform_dtype
+from molmo_jax.weights.pytorch import read_config, read_pytorch
+
+save = save_model
+__all__ = ["WeightsError", "CheckpointInfo", "find_checkpoint", "load", "load_config", "save", "save_model",
+           "import_checkpoint", "export_checkpoint", "init_from_base"]
+
+
+def load_config(path, config=None):
+    """The model config of any checkpoint `load` reads (`config`: for a bare state dict file)."""
+    info = find_checkpoint(path)
+    if info.kind == "pytorch":
+        return read_config(info, config)
+    return config_from_dict(read_json(info.config_path), str(info.config_path))
+
+
+def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, config=None):
+    """(cfg, model) from any checkpoint (see the module docstring). Parameters are placed by
+    `shardings` (one for all, or a pytree / flat dict of them), or by the project's sharding rules on
+    `mesh`; a model directory or training run is read straight into them. `dtype` casts the
+    parameters, `compute_dtype` sets the model's compute dtype. PyTorch checkpoints are converted in
+    memory (for the largest models, convert once with `tools.convert import`); `config` (a
+    config.json or a preset name) is needed only for a bare state dict file."""
+    import jax
+    from flax import nnx
+
+    info = find_checkpoint(path)
+    if mesh is not None:
+        from molmo_jax import sharding
+        from molmo_jax.models import abstract_model
+
+        abstract = nnx.state(abstract_model(load_config(path, config)), nnx.Param)
+        shardings = sharding.param_shardings(abstract, mesh)
+    if info.kind == "pytorch":
+        cfg, flat = read_pytorch(path, config=config, dtype=dtype)
+        by_path = shardings_by_path(shardings, flat)
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        flat = {p: jax.device_put(a, by_path[p] or default) for p, a in flat.items()}
+    else:
+        cfg = config_from_dict(read_json(info.config_path), str(info.config_path))
+        flat = restore_params(info.params_dir, cfg, shardings, dtype)
+        cfg.param_dtype = uniform_dtype(a.dtype for a in flat.values()) or cfg.param_dtype
+    if compute_dtype is not None:
+        cfg.dtype = str(compute_dtype)
+    return cfg, model_from_flat(cfg, flat)
