@@ -1,6 +1,6 @@
 """Defaults shared by every training config; `configs/<model>_<stage>.py` override what differs.
 
-The numbers of the released recipe (spec 13.2-13.3) live in `pretrain()` and `sft()`.
+The numbers of the released recipe (docs/architecture.md#stages) live in `pretrain()` and `sft()`.
 """
 import ml_collections
 
@@ -50,7 +50,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
 
 
 def pretrain(model) -> ml_collections.ConfigDict:
-    """Stage 1, dense-caption pretraining on PixMo-Cap (spec 13.2)."""
+    """Stage 1, dense-caption pretraining on PixMo-Cap (docs/architecture.md#stages)."""
     c = base(model, "pretrain")
     c.model.llm.update(residual_dropout=0.0, response_residual_dropout=0.1)
     c.batch_size = 128
@@ -63,7 +63,7 @@ def pretrain(model) -> ml_collections.ConfigDict:
 
 
 def sft(model) -> ml_collections.ConfigDict:
-    """Stage 2, multitask supervised fine-tuning on the PixMo + academic mixture (spec 13.3)."""
+    """Stage 2, multitask supervised fine-tuning on the PixMo + academic mixture (docs/architecture.md#stages)."""
     c = base(model, "sft")
     c.model.llm.update(residual_dropout=0.1, response_residual_dropout=0.0)
     c.batch_size = 256

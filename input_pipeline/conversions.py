@@ -13,7 +13,7 @@ Repairs are counted in `notes` (a Counter): points outside the image are clamped
 original keeps them, which writes e.g. x="103.2" into a target); a conversation with NaN coordinates is
 dropped (its target is unknowable), and the record only if no conversation is left.
 
-Deliberate choices where the original snapshot has a quirk (PIXMO.md section 7):
+Deliberate choices where the original snapshot has a quirk (docs/architecture.md#reference-quirks):
 - PixMo-Points styles follow the dataset names (`pixmo_points` -> `pointing`, `*_counting` ->
   `point_count`), as the later Molmo code; the snapshot swaps them;
 - PixMo-CapQA: the prefix goes before the matching user turn itself (the snapshot repeats the first turn).

@@ -1,7 +1,7 @@
 """The datasets mixtures are made of: name -> which built TFDS dataset to read and how to turn its
 records into examples (`conversions.py`), plus opening them (random access) under a data directory.
 
-Names follow the original's mixture names (PIXMO.md 4.2); legacy aliases are accepted. A dataset is
+Names follow the original's mixture names (docs/architecture.md#mixtures); legacy aliases are accepted. A dataset is
 read from `<data_dir>/<tfds name>/<config>/<version>/`, where `python -m tools.build_data` writes it.
 The academic sets enter through the generic `vqa` builder, built under the mixture name.
 """

@@ -43,6 +43,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from molmo_jax.metrics import tasks
+
 TASKS = {  # name: (style of the conversations, tools.eval task)
     "synthetic_pointing": ("pointing", "pointing"),
     "synthetic_counting": ("point_count", "counting"),
@@ -52,7 +54,7 @@ TASKS = {  # name: (style of the conversations, tools.eval task)
     "synthetic_charts": ("pixmo_docs_charts", "exact"),
 }
 
-# Built datasets -> tools.eval task (spec MOLMO.md 15.3). The spec names no metric for TallyQA, TabMWP,
+# Built datasets -> tools.eval task (docs/architecture.md#metrics). The original names no metric for TallyQA, TabMWP,
 # DVQA, FigureQA, PlotQA and PixMo-Docs: short numeric/word answers, so VQA accuracy (TallyQA counts)
 # and relaxed accuracy (chart/table answers, exact match for words) are used.
 METRICS = {
@@ -79,7 +81,6 @@ STYLE_METRICS = {
     "ai2_diagram": "mc", "ai2_diagram_no_letter": "mc", "a_okvqa_mc": "mc", "science_qa": "mc",
     "pointing": "pointing", "point_count": "counting", "clocks": "clock",
 }
-EVAL_TASKS = ("pointing", "counting", "vqa", "vqa_plain", "anls", "relaxed", "mc", "clock")
 
 
 class EvalDataError(ValueError):
@@ -247,7 +248,7 @@ def _built_ground_truth(task: str, conv: dict, meta: dict, width: int, height: i
     text = "prompt" if "prompt" in conv else "question"
     prompt = {"style": style, text: conv[text]}
     truth = {"question": str(conv[text])}
-    if "options" in conv:  # kept in the prompt: the formatter lists them as in training (spec 6.2)
+    if "options" in conv:  # kept in the prompt: the formatter lists them as in training (docs/architecture.md#prompt-formatting)
         k = _mc_index(conv)
         prompt.update(options=list(conv["options"]), answer=k)
         if task == "mc":
@@ -318,11 +319,11 @@ def make_eval_examples(name: str, split: str | None = "test", data_dir: str | No
     """Inference examples of `name` (see the module docstring) from its `split`.
 
     split None: "test" (built sets without one: "validation"). `metric` overrides the task of built
-    sets (one of EVAL_TASKS). `skipped` counts conversations left out, by reason. Raises
+    sets (one of tasks.TASKS). `skipped` counts conversations left out, by reason. Raises
     EvalDataError right away for an unknown or unbuilt dataset or a missing split.
     """
-    if metric is not None and metric not in EVAL_TASKS:
-        raise EvalDataError(f"unknown metric {metric!r}; choose one of {', '.join(EVAL_TASKS)}")
+    if metric is not None and metric not in tasks.TASKS:
+        raise EvalDataError(f"unknown metric {metric!r}; choose one of {', '.join(tasks.TASKS)}")
     if name in TASKS:
         if metric is not None:
             raise EvalDataError(f"{name} is scored as {TASKS[name][1]!r}; --metric is for built datasets only")

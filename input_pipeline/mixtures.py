@@ -1,6 +1,6 @@
 """Mixtures: which datasets, at which sampling rates, and the order in which their examples are drawn.
 
-Rates (PIXMO.md 4.2): a mixture is a list of groups with fixed rates; inside a group each dataset gets
+Rates (docs/architecture.md#mixtures): a mixture is a list of groups with fixed rates; inside a group each dataset gets
 a weight proportional to sqrt(size) (size = its cap when one is given, else its number of examples),
 scaled to the group's rate; the final rates are normalised to sum to 1. A single dataset has rate 1.
 
@@ -9,7 +9,7 @@ Order (`MixturePlan`, the original's `IterableDatasetMixture`): datasets sorted 
 slot i of the batch takes dataset d's item number c_d (a running count across all processes), which
 is position c_d % len(d) of the permutation `RandomState(seed + 1771 * epoch).permutation(len(d))`,
 epoch = c_d // len(d). The example's own random choices use the per-example seed
-`seed + record + len(d) * epoch` (MOLMO.md 6.2). A global batch is therefore a function of the seed
+`seed + record + len(d) * epoch` (docs/architecture.md#prompt-formatting). A global batch is therefore a function of the seed
 and the batch number only: the same for any number of processes or workers.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _group(rate, *datasets):
 
 
 MIXTURES: dict[str, tuple[Group, ...]] = {
-    # Stage 1 (MOLMO.md 13.2): PixMo-Cap, caption + one transcript per image.
+    # Stage 1 (docs/architecture.md#stages): PixMo-Cap, caption + one transcript per image.
     "pixmo_cap_with_transcripts": (_group(1.0, "pixmo_cap_with_transcripts"),),
-    # Stage 2 (PIXMO.md 4.2): three groups, sqrt-size weighting inside each.
+    # Stage 2 (docs/architecture.md#mixtures): three groups, sqrt-size weighting inside each.
     "3.2-synthetic": (
         _group(0.15, "pixmo_ask_model_anything", ("pixmo_cap", 50_000), "pixmo_cap_qa", "pixmo_pointing_explanations"),
         _group(0.50, "coco_2014_vqa_multi", "text_vqa", "okvqa", "chart_qa_weighted", "doc_qa", "info_qa",

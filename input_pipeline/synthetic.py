@@ -45,9 +45,6 @@ class SyntheticOptions:
     # 1, most scenes hold one kind and "point at every object" is right for them; 2 makes every
     # scene ask the model to pick the objects the question names.
     min_types: int = 1
-    # The kinds of a scene share neither colour nor shape: either word of a label ("red circles")
-    # picks the same objects, which a tiny model learns much sooner than the conjunction.
-    distinct_types: bool = False
     kinds: tuple[str, ...] = KINDS
     # Background colours drawn from (names of BACKGROUNDS). One plain colour removes a shortcut the
     # demo model took (naming objects' colour after the background's tint); the demo uses one
@@ -65,15 +62,6 @@ class SyntheticOptions:
     # per cell). A grid aligned with the pooled image tokens makes pointing learnable by a tiny model
     # in minutes (the demo); free placement is the harder, more realistic setting.
     grid: int = 0
-    # Order in which a caption and transcript mention a scene's kinds of object: "reading" (top band
-    # first, then left to right) or "random". In reading order the position that follows "a red
-    # circle" is predictable from the order alone; in random order only by finding the red circle
-    # in the image, which is the lookup pointing needs.
-    caption_order: str = "reading"
-    # How a caption says where an object is: "thirds" (a coarse 3x3 phrase: "at the top left") or
-    # "grid" (the object's cell when `grid` is set: "in row two, column three"). On a 4 x 4 grid the
-    # thirds phrase calls both middle columns "center"; the grid phrase names every cell apart.
-    caption_positions: str = "thirds"
 
     def __post_init__(self):
         width, height = self.image_size
@@ -101,13 +89,6 @@ class SyntheticOptions:
             problems.append(f"max_bars {self.max_bars} must be within 3..{len(COLOURS)}")
         if self.grid and not (2 <= self.grid <= 16 and self.grid * self.grid >= self.max_objects):
             problems.append(f"grid {self.grid} must be 0 or within 2..16 with grid^2 >= max_objects")
-        if self.caption_order not in ("reading", "random"):
-            problems.append(f"caption_order {self.caption_order!r} must be 'reading' or 'random'")
-        if self.caption_positions not in ("thirds", "grid"):
-            problems.append(f"caption_positions {self.caption_positions!r} must be 'thirds' or 'grid'")
-        elif self.caption_positions == "grid" and not 2 <= self.grid < len(NUMBER_WORDS):
-            problems.append(f"caption_positions 'grid' needs grid within 2..{len(NUMBER_WORDS) - 1} (grid is "
-                            f"{self.grid})")
         if problems:
             raise ValueError("invalid SyntheticOptions: " + "; ".join(problems))
 
@@ -226,12 +207,6 @@ def _position(x, y, width, height):
     return f"at the {row}" if col == "center" else f"at the {row} {col}"
 
 
-def _grid_position(x, y, width, height, grid):
-    """The N x N grid cell an object is centred in, e.g. 'in row two, column three' (from the top left)."""
-    row, col = min(int(y * grid // height), grid - 1), min(int(x * grid // width), grid - 1)
-    return f"in row {NUMBER_WORDS[row + 1]}, column {NUMBER_WORDS[col + 1]}"
-
-
 # ---------------------------------------------------------------------------------------------
 # Shapes scenes
 
@@ -240,12 +215,8 @@ def _place_objects(rng, options, width, height):
     short = min(width, height)
     n = int(rng.integers(options.min_objects, options.max_objects + 1))
     n_types = int(rng.integers(min(options.min_types, n, 3), min(n, 3) + 1))
-    if options.distinct_types:
-        colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=n_types, replace=False)]
-        types = list(zip(colours, [SHAPES[i] for i in rng.choice(len(SHAPES), size=n_types, replace=False)]))
-    else:
-        combos = [(c, s) for c in COLOURS for s in SHAPES]
-        types = [combos[i] for i in rng.choice(len(combos), size=n_types, replace=False)]
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    types = [combos[i] for i in rng.choice(len(combos), size=n_types, replace=False)]
     assigned = types + [types[i] for i in rng.integers(0, n_types, size=n - n_types)]
     objects = []
     if options.grid:
@@ -287,16 +258,12 @@ def _points(objects, keep):
     return np.asarray([[o["x"], o["y"]] for o in objects if keep(o)], np.float32).reshape(-1, 2)
 
 
-def _shapes_texts(objects, bg_name, width, height, order_rng=None, grid=0):
-    """Caption and transcript; kinds in reading order, or shuffled by `order_rng` when given;
-    positions as grid cells when `grid` is given, else as 3x3 phrases."""
+def _shapes_texts(objects, bg_name, width, height):
+    """Caption and transcript, naming the kinds in reading order and positions as 3x3 phrases."""
     def where(o):
-        return _grid_position(o["x"], o["y"], width, height, grid) if grid else \
-            _position(o["x"], o["y"], width, height)
+        return _position(o["x"], o["y"], width, height)
 
     types = list(dict.fromkeys((o["colour"], o["shape"]) for o in objects))
-    if order_rng is not None:
-        types = [types[i] for i in order_rng.permutation(len(types))]
     n = len(objects)
     sentences = [f"The image shows {NUMBER_WORDS[n]} shape{'s' if n > 1 else ''} on a {bg_name} background."]
     for colour, shape in types:
@@ -361,9 +328,7 @@ def _render_shapes(rng, options):
     layer = _Layer(width, height)
     for o in objects:
         layer.shape(o["shape"], o["x"], o["y"], o["radius"], o["rotation"], COLOURS[o["colour"]])
-    caption, transcript = _shapes_texts(objects, bg_name, width, height,
-                                        rng if options.caption_order == "random" else None,
-                                        options.grid if options.caption_positions == "grid" else 0)
+    caption, transcript = _shapes_texts(objects, bg_name, width, height)
     conversations = [{"style": "long_caption", "text": caption}, {"style": "transcript", "text": transcript}]
     conversations += _point_conversations(rng, objects, "pointing", options.pointing_per_image,
                                           options.absent_label_rate)

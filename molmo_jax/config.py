@@ -2,8 +2,8 @@
 
 A model config is an `ml_collections.ConfigDict` with four parts that follow the data flow:
 `image` (preprocessing), `vit` (the CLIP encoder), `connector` (pooling + projector) and `llm`
-(the decoder), plus the dtypes. Numbers of the released models come from the spec (sections 2 and
-11.3) and from the released `config.json` files.
+(the decoder), plus the dtypes and the model `family`. Numbers of the released models come from
+their released `config.json` files (docs/architecture.md#presets).
 
 Naming: `llm.mlp_dim` is the SwiGLU *inner* width F (the original's `mlp_hidden_size` and the HF
 `intermediate_size` are the fused width 2F). For MoE blocks it is the width of one expert.
@@ -14,7 +14,7 @@ import ml_collections
 
 PRESETS = ("molmoe_1b", "molmo_7b_o", "molmo_7b_d", "molmo_72b", "tiny", "demo", "bench_s")
 
-# OpenAI CLIP normalisation (spec 2.2).
+# OpenAI CLIP normalisation (docs/architecture.md#letterbox).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -37,7 +37,7 @@ def image_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def vit_config(**overrides) -> ml_collections.ConfigDict:
-    """CLIP ViT-L/14-336 with 23 of its 24 layers kept (spec 8.2)."""
+    """CLIP ViT-L/14-336 with 23 of its 24 layers kept (docs/architecture.md#3-vision-encoder)."""
     c = ml_collections.ConfigDict(dict(
         image_size=(336, 336),
         patch_size=14,
@@ -94,7 +94,7 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
         residual_dropout=0.0,
         response_residual_dropout=0.0,
         attention_dropout=0.0,
-        bos_token_id=151643,      # EOS used as BOS for Qwen2/OLMo tokenizers (spec 3.2)
+        bos_token_id=151643,      # EOS used as BOS for Qwen2/OLMo tokenizers (docs/architecture.md#p12-eos-as-bos)
         eos_token_id=151643,
     ))
     c.update(overrides)
@@ -221,6 +221,6 @@ def resolved_vit_layers(cfg) -> tuple[int, ...]:
 
 
 def image_token_ids(cfg) -> dict[str, int]:
-    """The five Molmo special tokens sit at vocab_size + 0..4 (spec 3.1)."""
+    """The five Molmo special tokens sit at vocab_size + 0..4 (docs/architecture.md#tokenizer)."""
     v = cfg.llm.vocab_size
     return dict(im_start=v, im_end=v + 1, im_patch=v + 2, im_col=v + 3, image=v + 4)

@@ -11,20 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-import numpy as np
-
-from molmo_jax import generate, metrics
+from molmo_jax import generate
+from molmo_jax.metrics import tasks
 from molmo_jax.preprocess import Collator, Preprocessor
-
-# New tokens per task (spec 14.3: 192 for pointing and counting, 12 for short answers).
-MAX_NEW_TOKENS = {"pointing": 192, "counting": 192, "vqa": 12, "vqa_plain": 12, "anls": 12, "relaxed": 12, "exact": 12,
-                  "mc": 12, "clock": 12}
 
 
 @dataclasses.dataclass
 class EvalSettings:
     batch_size: int = 8
-    max_new_tokens: int | None = None        # None = per task (MAX_NEW_TOKENS)
+    max_new_tokens: int | None = None        # None = per task (metrics.tasks.MAX_NEW_TOKENS)
     distance_fraction: float | None = None   # pointing: hit within this fraction of the image size
                                              # (None: the masks when given, else 5% of the diagonal)
     seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
@@ -34,39 +29,11 @@ class EvalSettings:
 
 
 def score_one(task: str, prediction: str, meta: dict, settings: EvalSettings) -> dict:
-    if task == "pointing":
-        width, height = int(meta["image_width"]), int(meta["image_height"])
-        threshold = None
-        masks = meta.get("mask")
-        if settings.distance_fraction is not None:
-            threshold, masks = settings.distance_fraction * max(width, height), None
-        return metrics.pointing_scores(prediction, meta["points"], width, height, masks,
-                                       distance_threshold=threshold)
-    if task == "counting":
-        return metrics.count_scores(prediction, int(meta["count"]))
-    answer, answers = metrics.postprocess_answer(prediction), meta["answers"]
-    if task == "clock":
-        return {"accuracy": max(metrics.clock_accuracy(answer, a) for a in answers)}
-    if task == "anls":
-        return {"anls": metrics.anls(answer, answers), "exact_match": metrics.exact_match(answer, answers)}
-    if task == "relaxed":
-        return {"accuracy": metrics.relaxed_accuracy(answer, answers),
-                "exact_match": metrics.exact_match(answer, answers)}
-    if task == "exact":
-        return {"accuracy": metrics.exact_match(answer, answers)}
-    if task == "mc":
-        return {"accuracy": metrics.multiple_choice_accuracy(answer, answers, meta.get("options"))}
-    return {"accuracy": metrics.vqa_accuracy(answer, answers, normalize=task != "vqa_plain")}
-
-
-def aggregate(task: str, scores: list[dict], predictions: list[str], metas: list[dict]) -> dict:
-    if not scores:
-        return {"n": 0}
-    if task == "pointing":
-        return metrics.pointing_metrics(scores)
-    if task == "counting":
-        return dict(metrics.counting_metrics(predictions, [int(m["count"]) for m in metas]), n=len(scores))
-    return {**{key: float(np.mean([s[key] for s in scores])) for key in scores[0]}, "n": len(scores)}
+    scoring = tasks.ScoreSettings()
+    if task == "pointing" and settings.distance_fraction is not None:
+        size = max(int(meta["image_width"]), int(meta["image_height"]))
+        scoring = tasks.ScoreSettings(distance_threshold=settings.distance_fraction * size, use_masks=False)
+    return tasks.score(task, prediction, meta, scoring)
 
 
 def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = EvalSettings(),
@@ -82,7 +49,7 @@ def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = Eva
         by_task.setdefault(ex["metadata"]["task"], []).append(ex)
     rows, results = [], {}
     for task, exs in by_task.items():
-        n_new = settings.max_new_tokens or MAX_NEW_TOKENS.get(task, 64)
+        n_new = settings.max_new_tokens or tasks.MAX_NEW_TOKENS.get(task, 64)
         preds = []
         for start in range(0, len(exs), settings.batch_size):
             chunk = exs[start:start + settings.batch_size]
@@ -97,7 +64,7 @@ def run(model, tokenizer, examples: Iterable[dict], settings: EvalSettings = Eva
                 progress(len(chunk))
         metas = [ex["metadata"] for ex in exs]
         scores = [score_one(task, p, m, settings) for p, m in zip(preds, metas)]
-        results[task] = aggregate(task, scores, preds, metas)
+        results[task] = tasks.aggregate(task, scores, preds, metas)
         for p, m, s in zip(preds, metas, scores):
             rows.append({"prediction": p, **m, "scores": s})
     return rows, results
@@ -120,10 +87,8 @@ def mean_loss(model, batches) -> float:
         ce, _, w = losses.token_losses(out["logits"], b["target_tokens"], b["loss_masks"])
         return ce.sum(), w.sum()
 
-    keys = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
-            "image_masks", "image_input_idx")
     total = weight = 0.0
     for b in batches:
-        s, w = loss_sums(state, {k: b[k] for k in keys if k in b})
+        s, w = loss_sums(state, {k: b[k] for k in losses.BATCH_KEYS if k in b})
         total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1e-8)

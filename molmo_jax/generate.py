@@ -1,4 +1,4 @@
-"""Generation with a KV cache (docs/architecture.md#generation): prefill once with the images, then
+"""Generation with a KV cache (docs/architecture.md#7-generation): prefill once with the images, then
 one token a step, through the model's own decoder blocks and attention (`layers.attention`).
 
 Shapes are static: the cache holds `cache_len` slots (a bucket >= prompt + new tokens); slot s holds

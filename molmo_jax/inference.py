@@ -8,7 +8,7 @@
 
 A checkpoint is anything `molmo_jax.weights.load` reads: a molmo_jax model directory, a
 training run or one of its step directories, or a PyTorch directory (original / released HF form,
-converted in memory). Prompts are formatted as the released models expect (spec 6.4, 14.1): style
+converted in memory). Prompts are formatted as the released models expect (docs/architecture.md#prompt-formatting): style
 "demo" gives " User: {prompt} Assistant:"; another style (e.g. "vqa2") adds its "vqa2:" prefix.
 """
 from __future__ import annotations

@@ -11,6 +11,9 @@ import jax.numpy as jnp
 from molmo_jax.sharding import constrain
 
 Z_LOSS_WEIGHT = 1e-4
+# What a training batch holds (the Collator's layout; padding -1).
+BATCH_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
+              "image_masks", "image_input_idx")
 
 
 def token_losses(logits, labels, weights):
@@ -61,3 +64,17 @@ def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normaliz
     denom = jnp.maximum(jnp.sum(w) if normalizer is None else normalizer, 1e-8)
     n_dropped = jnp.sum(jnp.maximum(counts - k, 0))
     return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w), n_dropped
+
+
+def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=None, dropout_rng=None):
+    """The trainer's objective on one (micro-)batch: (loss + z_loss, {loss, z_loss, weight,
+    dropped_loss_tokens}). The head runs only at weighted positions (`sparse_loss`, at most
+    `max_loss_tokens` of them; 0 = every position); `normalizer` is the whole batch's weight when
+    this is one micro-batch of several."""
+    out = model(batch["input_ids"], batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"),
+                position_ids=batch.get("position_ids"), subsegment_ids=batch.get("subsegment_ids"),
+                response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
+    max_tokens = max_loss_tokens or batch["input_ids"].size
+    loss, z, w, dropped = sparse_loss(model.llm.logits, out["hidden"], batch["target_tokens"], batch["loss_masks"],
+                                      max_tokens, normalizer)
+    return loss + z, dict(loss=loss, z_loss=z, weight=w, dropped_loss_tokens=dropped)

@@ -1,4 +1,4 @@
-"""The original's optimiser recipe (spec 13.6-13.8), built from optax pieces.
+"""The original's optimiser recipe (docs/architecture.md#optimiser), built from optax pieces.
 
 Parameters fall into groups chosen by regex on their path ("llm/blocks/attn/wq/kernel"), big_vision
 style; the first matching group wins. Each group has its own peak learning rate, warmup, cosine decay
@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-# Groups of the original (spec 13.6): the connector includes the new embedding rows.
+# Groups of the original (docs/architecture.md#optimiser): the connector includes the new embedding rows.
 DEFAULT_GROUPS = (
     ("connector", r"^(connector/|llm/new_embedding$)"),
     ("vit", r"^vision/"),
@@ -42,7 +42,7 @@ def optimizer_config(**groups) -> ml_collections.ConfigDict:
 
 
 def schedule(peak: float, warmup: int, total: int, min_ratio: float = 0.1):
-    """Linear warmup from 0, cosine to min_ratio * peak at `total`, then flat (spec 13.7).
+    """Linear warmup from 0, cosine to min_ratio * peak at `total`, then flat (docs/architecture.md#optimiser).
 
     optax counts from 0 before the first update; the original's step s starts at 1.
     """
@@ -62,7 +62,7 @@ class ClipState(NamedTuple):
 
 
 def clip_by_group_norm(max_norm: float) -> optax.GradientTransformation:
-    """Scale by min(1, max_norm / (norm + 1e-6)) with the norm of this group alone (spec 13.8)."""
+    """Scale by min(1, max_norm / (norm + 1e-6)) with the norm of this group alone (docs/architecture.md#optimiser)."""
     def update(updates, state, params=None):
         norm = optax.global_norm(updates)
         scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))

@@ -1,4 +1,4 @@
-"""Points in model text: formatting targets, parsing predictions, drawing them (spec MOLMO.md 7).
+"""Points in model text: formatting targets, parsing predictions, drawing them (docs/architecture.md#8-points).
 
 Molmo writes points as percentages of the image width/height with one decimal, x first:
     <point x="12.3" y="45.6" alt="mug">mug</point>
@@ -30,13 +30,13 @@ _CLOSE_TAG = re.compile(r"</points?\s*>")
 # One coordinate attribute inside a tag; group 4 is the closing quote, empty when truncated.
 _COORD_ATTR = re.compile(r"\b([xy])(\d*)\s*=\s*\"([^\"]*)(\"?)")
 _ALT_ATTR = re.compile(r"\balt\s*=\s*\"([^\"]*)\"?")
-# Forms outside tags (spec 7.2): Click(x, y) / (x, y) with one decimal, bare x="" y="" pairs,
+# Forms outside tags (docs/architecture.md#point-parsing): Click(x, y) / (x, y) with one decimal, bare x="" y="" pairs,
 # and the legacy three-digit "p=123,456" / "1=123,456" forms (value / 10).
 _PAREN_PAIR = re.compile(r"(?:Click)?\(\s*(\d+\.\d)\s*,\s*(\d+\.\d)\s*\)")
 _BARE_ATTR_PAIR = re.compile(rf"\bx(\d*)\s*=\s*\"({_NUM})\"\s+y\1\s*=\s*\"({_NUM})\"")
 _LEGACY_PAIR = re.compile(r"(?<![\w.])(?:p|\d+)\s*=\s*(\d{3})\s*,\s*(\d{3})(?!\d)")
 
-# Whole-answer forms accepted by the format validator (spec 7.2).
+# Whole-answer forms accepted by the format validator (docs/architecture.md#point-parsing).
 _ONE_POINT = re.compile(
     rf"<point\s+x\s*=\s*\"{_NUM}\"\s+y\s*=\s*\"{_NUM}\"(?:\s+alt\s*=\s*\"[^\"]*\")?\s*>[^<]*</point>")
 _MANY_POINTS = re.compile(
@@ -52,7 +52,7 @@ class ParsedPoints:
     points: float64 [N, 2] (x, y) in pixels of the original image, in order of appearance.
     alts / texts: per point, the `alt` attribute and the element text of the enclosing
         <point(s)> element (None for points written in other forms).
-    valid_format: the whole answer is exactly one accepted form (spec 7.2): one complete <point>,
+    valid_format: the whole answer is exactly one accepted form (docs/architecture.md#point-parsing): one complete <point>,
         one complete <points>, lines of "(x, y)", or legacy three-digit pairs.
     dropped: coordinate pairs that were seen but not usable (value > 100, NaN, unpaired x/y, cut off).
     """
@@ -87,7 +87,7 @@ def percent_to_pixels(points_percent: np.ndarray, width: int, height: int) -> np
 
 
 def points_to_text(points_percent: np.ndarray, alt: str, text: str) -> str:
-    """Format N >= 1 percent points as a <point> or <points> element (spec MOLMO.md 7.1).
+    """Format N >= 1 percent points as a <point> or <points> element (docs/architecture.md#point-format).
 
     Values are rounded to one decimal first and then sorted by x * 10000 + y, as the original does.
     They are not clipped to [0, 100] (the original does not either); NaN/inf raise ValueError.
@@ -144,7 +144,7 @@ def _pairs_in_tag(attrs: str) -> tuple[list[tuple[float, float]], int]:
 
 
 def is_valid_point_format(text: str) -> bool:
-    """Whether the whole answer is one accepted point form (spec 7.2 format validator)."""
+    """Whether the whole answer is one accepted point form (docs/architecture.md#point-parsing)."""
     t = text.strip()
     if _ONE_POINT.fullmatch(t) or _MANY_POINTS.fullmatch(t) or _LEGACY_ONLY.fullmatch(t):
         return True
@@ -217,7 +217,7 @@ _NONE_WORD = re.compile(r"\bnone\b")
 
 
 def parse_count(text: str, *, none_as_zero: bool = True, count_points: bool = True) -> int | None:
-    """The count stated by a counting answer, or None when it cannot be read (spec 7.2).
+    """The count stated by a counting answer, or None when it cannot be read (docs/architecture.md#point-parsing).
 
     Rule of the original: lower-case, strip a trailing ".", take the last whitespace-separated
     token as an integer or a number word zero..twenty; else the N of "a total of N".

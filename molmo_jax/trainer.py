@@ -1,4 +1,4 @@
-"""Sharded training through both stages (spec section 13): one flat loop, big_vision style.
+"""Sharded training through both stages (docs/architecture.md#6-training): one flat loop, big_vision style.
 
 State = (params, opt_state) as plain nested dicts of arrays, sharded on the mesh by the logical
 rules of `molmo_jax.sharding`; the step is one `jax.jit` with donated buffers. Checkpoints are
@@ -29,8 +29,6 @@ from molmo_jax.train_logging import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
-              "image_masks", "image_input_idx")
 
 
 class TrainingStopped(RuntimeError):
@@ -89,20 +87,13 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
         return nnx.merge(graphdef, state)
 
     def micro_loss(params, mb, key, normalizer):
-        model = merge(params)
-        out = model(mb["input_ids"], mb.get("images"), mb.get("image_masks"), mb.get("image_input_idx"),
-                    position_ids=mb.get("position_ids"), subsegment_ids=mb.get("subsegment_ids"),
-                    response_mask=mb["loss_masks"] > 0, dropout_rng=key if use_dropout else None,
-                    return_logits=False)
-        max_tokens = config.max_loss_tokens or mb["input_ids"].size
-        loss, z, w, dropped = losses.sparse_loss(model.llm.logits, out["hidden"], mb["target_tokens"], mb["loss_masks"],
-                                                    max_tokens, normalizer)
-        return loss + z, dict(loss=loss, z_loss=z, weight=w, dropped_loss_tokens=dropped)
+        return losses.training_loss(merge(params), mb, max_loss_tokens=config.max_loss_tokens, normalizer=normalizer,
+                                    dropout_rng=key if use_dropout else None)
 
     def step(params, opt_state, batch, step_no):
         key = jax.random.fold_in(jax.random.key(config.seed), step_no)
         weights = jnp.where(batch["target_tokens"] < 0, 0.0, jnp.maximum(batch["loss_masks"], 0.0))
-        normalizer = jnp.sum(weights)  # the global batch's weight (spec 13.4), shared by micro-batches
+        normalizer = jnp.sum(weights)  # the global batch's weight, shared by micro-batches
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -235,7 +226,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def _global_batch(self, batch: dict):
         out = {}
-        for k in BATCH_KEYS:
+        for k in losses.BATCH_KEYS:
             if k in batch and batch[k] is not None:
                 x = np.asarray(batch[k])
                 shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]

@@ -1,4 +1,4 @@
-"""The attention core (molmo_jax.layers.attend) and its softmax with a hand-written derivative."""
+"""The attention core (molmo_jax.layers.attention.attend) and its softmax with a hand-written derivative."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -10,7 +10,7 @@ from molmo_jax import models as model_lib
 
 
 def count_from_shapes(cfg) -> int:
-    """Independent arithmetic over the released key/shape table (spec 11.3), not via the model."""
+    """Independent arithmetic over the released key/shape table (docs/architecture.md#presets), not via the model."""
     l, v = cfg.llm, cfg.vit
     d, hd, f = l.d_model, l.head_dim, l.mlp_dim
     qkv = d * (l.n_heads + 2 * l.n_kv_heads) * hd + (l.n_heads + 2 * l.n_kv_heads) * hd * l.qkv_bias

@@ -60,7 +60,7 @@ def test_init_from_base_matches_transformers(tmp_path, clip_dir, kind):
     assert float(np.abs(got - want)[valid].max()) <= TOL
     assert np.abs(want[valid]).max() > 0.5
 
-    # Fresh parts (spec 13.1): new embedding rows N(0, 0.02), zero padding embeddings and biases.
+    # Fresh parts (docs/architecture.md#initialisation): new embedding rows N(0, 0.02), zero padding embeddings and biases.
     new = np.asarray(model.llm.new_embedding[...])
     assert new.shape == (16, cfg.llm.d_model) and 0.015 < new.std() < 0.025
     assert not np.any(np.asarray(model.connector.pad_embed[...]))

@@ -1,4 +1,4 @@
-"""Training-time dropout: response-only residual dropout and image-feature dropout (spec 13.5)."""
+"""Training-time dropout: response-only residual dropout and image-feature dropout (docs/architecture.md#dropout)."""
 import jax
 import numpy as np
 

@@ -53,7 +53,8 @@ def _quiet(fn, *args):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The three sets built with the real vqa builder, and a tiny model saved with save_model."""
-    from molmo_jax import checkpoint, config, models as model_lib
+    from molmo_jax import config, weights
+    from molmo_jax import models as model_lib
 
     root = tmp_path_factory.mktemp("eval_datasets")
     images = root / "images"
@@ -145,11 +146,11 @@ def test_multiple_choice_prompt_lists_options_as_training_does(setup):
 def test_sharded_mesh_gives_the_same_predictions_and_metrics(setup, one_device):
     """Greedy decoding of the same f32 weights: only the order of float sums differs between the runs
     (partial sums over fsdp/tensor shards), far below the gaps between the top logits of this model."""
-    from molmo_jax import evaluate, sharding
+    from molmo_jax import sharding, weights
 
     assert jax.device_count() == 8, "conftest sets 8 simulated devices"
-    mesh = sharding.make_mesh(evaluate.parse_mesh("data=2,fsdp=2,tensor=2"))
-    _, model = evaluate.load_sharded(setup / "model", mesh)  # what --mesh loads: really split
+    mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=2,tensor=2"))
+    _, model = weights.load(setup / "model", mesh=mesh)  # what --mesh loads: really split
     assert model.llm.blocks.attn.wq.kernel[...].sharding.spec[1:] == ("fsdp", "tensor", None)
     rows, metrics, _ = _evaluate(setup, "text_vqa:validation", setup / "mesh", "--mesh", "data=2,fsdp=2,tensor=2")
     want_rows, want_metrics, _ = one_device["text_vqa"]

@@ -322,7 +322,7 @@ def test_qwen2_sliding_window_switched_off_is_accepted():
     assert llm_mapping.llm_config_from_hf(d)["qkv_bias"] is True
 
 
-# Public config.json values of the base models the released Molmos start from (spec 2, 12.2).
+# Public config.json values of the base models the released Molmos start from (docs/architecture.md#presets).
 QWEN2_7B = dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, rms_norm_eps=1e-6,
                 rope_theta=1_000_000.0, rope_scaling=None, use_sliding_window=False, sliding_window=131072,

@@ -1,4 +1,4 @@
-"""Parameter initialisation modes (molmo_jax/layers.py): "normal" is the original's N(0, 0.02)
+"""Parameter initialisation modes (molmo_jax/layers/core.py): "normal" is the original's N(0, 0.02)
 everywhere; "fan_in" (training from scratch, the demo) keeps activations O(1): N(0, 1/fan_in) kernels,
 N(0, 1) embedding tables, and residual-branch output projections of the ViT and the LLM scaled by
 1/(2 n_layers) so that their blocks start near the identity."""

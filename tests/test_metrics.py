@@ -1,4 +1,4 @@
-"""Evaluation metrics on hand-made predictions with known scores (spec MOLMO.md 15, PIXMO.md 6)."""
+"""Evaluation metrics on hand-made predictions with known scores (docs/architecture.md#metrics)."""
 import math
 
 import numpy as np

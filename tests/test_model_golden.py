@@ -27,7 +27,7 @@ ATOL_VISION = 2e-4
 @functools.lru_cache(maxsize=None)
 def load(name, dtype="float32"):
     path = GOLDEN / "models" / name
-    cfg, model = weights.load(path, dtype=dtype, param_dtype=dtype)
+    cfg, model = weights.load(path, dtype=dtype, compute_dtype=dtype)
     inputs = dict(np.load(path / "inputs.npz"))
     expected = dict(np.load(path / "expected.npz"))
     return cfg, model, inputs, expected

@@ -1,4 +1,4 @@
-"""Point text: formatting (spec MOLMO.md 7.1), parsing (7.2), counts, drawing."""
+"""Point text: formatting (docs/architecture.md#point-format), parsing (#point-parsing), counts, drawing."""
 import numpy as np
 import pytest
 from PIL import Image

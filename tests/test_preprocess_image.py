@@ -72,7 +72,7 @@ def test_resize_weights_rows_sum_to_one_and_blocks_are_cached():
         resize_weights(10, 0)
 
 
-# (H, W) -> (rows, cols): the spec's examples (MOLMO.md 4.2), released settings.
+# (H, W) -> (rows, cols): worked examples of the original's rule (docs/architecture.md#tiling), released settings.
 TILINGS = [((224, 224), (1, 1)), ((336, 336), (1, 1)), ((448, 448), (2, 2)), ((480, 640), (2, 3)),
            ((640, 480), (3, 2)), ((720, 1280), (3, 4)), ((1080, 1920), (3, 4)), ((3000, 3000), (3, 3)),
            ((560, 560), (2, 2)), ((561, 561), (3, 3)), ((100, 2000), (1, 1))]
@@ -90,7 +90,7 @@ def test_select_tiling_36_crops_and_degenerate_sizes():
     assert select_tiling(-50, -30, (224, 224), 12) == (1, 1)    # smaller than the margins
 
 
-# tiling -> image tokens (MOLMO.md 5.1 table): 160 + (8r+4)(8c+5).
+# tiling -> image tokens (docs/architecture.md#image-token-layout): 160 + (8r+4)(8c+5).
 @pytest.mark.parametrize("tiling,n_tokens", [((1, 1), 316), ((2, 2), 580), ((2, 3), 740), ((3, 4), 1196),
                                              ((12, 1), 1460), ((6, 6), 2916)])
 def test_image_token_counts(settings_7b, tiling, n_tokens):

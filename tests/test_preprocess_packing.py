@@ -1,4 +1,4 @@
-"""Several conversations about one image packed into one sequence (spec 6.6).
+"""Several conversations about one image packed into one sequence (docs/architecture.md#packing).
 
 Property: for every conversation, the packed sequence gives the same loss-bearing targets with
 the same weights (times sqrt(1/N)), the same position ids and the same visible context under the
@@ -38,7 +38,7 @@ def _random_conversations(rng, n):
 
 
 def _visible(seg, valid, q):
-    """Key positions query q may attend to (the model's rule, spec 6.6)."""
+    """Key positions query q may attend to (the model's rule, docs/architecture.md#packing)."""
     k = np.arange(q + 1)
     return k[(seg[q] <= seg[k]) & valid[k]]
 

@@ -113,8 +113,8 @@ class Stage:
         export's config.json also carries the molmo_jax config, so the import gives back the `tiny`
         preset that configs/tiny_*.py train (reading a real release's config.json is test_convert's
         and test_hf_parity's business)."""
-        from molmo_jax import checkpoint
         from molmo_jax import config as config_lib
+        from molmo_jax import weights
         from molmo_jax.weights import export_checkpoint
         from molmo_jax.models import create_model
 
@@ -259,7 +259,7 @@ def _metrics(workdir: str) -> list[dict]:
 
 
 def _flat_params(path):
-    from molmo_jax import checkpoint
+    from molmo_jax import weights
     from molmo_jax.weights.params import model_to_flat
     _, model = weights.load(path)
     return model_to_flat(model)

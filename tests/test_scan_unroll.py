@@ -1,4 +1,4 @@
-"""`scan_unroll` (molmo_jax/layers.py scan_layers): unrolling the layer loop changes speed, not results."""
+"""`scan_unroll` (molmo_jax/layers/scan.py scan_layers): unrolling the layer loop changes speed, not results."""
 import numpy as np
 import pytest
 

@@ -106,14 +106,44 @@ def test_unsupported_config_field(tmp_path):
         weights.load(copy_model(tmp_path, config=config))
 
 
+# The original's gradients (grads.npz) against ours through the trainer's loss path. Measured worst
+# case on both golden models: 6e-7 absolute (float32 sums in another order through ~20 layers and
+# the backward pass; the original's own float32 noise is about 1e-7), against gradients of up to 0.5;
+# a swapped or transposed mapping moves them by 1e-2 or more. 5e-6 keeps an 8x margin.
+GRAD_ATOL = 5e-6
+
+
+def assert_grads_match(got: dict, golden) -> None:
+    """Every gradient of the original is there and close; ours has the same names plus the ViT blocks
+    after the deepest used layer, whose gradient is exactly zero (the original gives them none)."""
+    theirs = {k for k in golden if k.startswith("grad/")}
+    ours = {k for k in got if k.startswith("grad/")}
+    assert theirs <= ours, sorted(theirs - ours)[:5]
+    for key in theirs:
+        assert got[key].shape == golden[key].shape, key
+        np.testing.assert_allclose(got[key], golden[key], atol=GRAD_ATOL, rtol=0, err_msg=key)
+    for key in ours - theirs:
+        assert "image_vit.transformer.resblocks" in key and not np.any(got[key]), key
+
+
+def test_loss_gradients_match_the_original():
+    """The second golden model (qwen2-style: GQA, qkv biases), in process."""
+    from tools.forward import loss_gradients, read_inputs
+
+    src = GOLDEN / "models" / "qwen2_style"
+    cfg, model = weights.load(src)
+    assert_grads_match(loss_gradients(cfg, model, read_inputs(src / "inputs.npz")), np.load(src / "grads.npz"))
+
+
 def test_forward_command_writes_golden_names(tmp_path):
     out = tmp_path / "out.npz"
     src = GOLDEN / "models" / "olmo_style"
     proc = subprocess.run([sys.executable, "-m", "tools.forward", str(src), "--inputs", str(src / "inputs.npz"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--grads"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "loss" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
     got, exp = np.load(out), np.load(src / "expected.npz")
+    assert_grads_match(dict(got), np.load(src / "grads.npz"))
     np.testing.assert_allclose(got["logits"], exp["logits"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["connector_output"], exp["connector_output"], atol=2e-4, rtol=0)
     valid = np.load(src / "inputs.npz")["batch2_input_ids"] != -1
@@ -131,3 +161,10 @@ def test_forward_command_bad_inputs(tmp_path):
     assert "missing arrays images, image_masks, image_input_idx" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.npz").exists()
+    src = GOLDEN / "models" / "olmo_style"
+    no_loss = tmp_path / "no_loss.npz"
+    np.savez(no_loss, **{k: v for k, v in np.load(src / "inputs.npz").items() if not k.startswith("loss_")})
+    proc = subprocess.run([sys.executable, "-m", "tools.forward", str(src), "--inputs", str(no_loss),
+                           "--out", str(tmp_path / "o.npz"), "--grads"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--grads needs the training example" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o.npz").exists()

@@ -7,7 +7,7 @@
 
 Topologies: v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N and v6e-N (N chips),
 KxNAME-N for K slices, cpu-N for N simulated CPU devices (no libtpu needed). TPU compiles need
-libtpu (`pip install -e '.[tpu]'`). See molmo_jax/aot.py for what is measured and docs/scaling.md
+libtpu (`pip install -e '.[tpu]'`). See molmo_jax/analysis/aot.py for what is measured and docs/scaling.md
 for the roofline formula and its limits.
 """
 import gzip

@@ -8,7 +8,7 @@ loaders and decoded back to text. Why the demo needs its own: the tiny tokenizer
 spells most words letter by letter ("purple stars" is 9 tokens, a point's "x1=\"12.5\"" 8), so the
 demo's 4-layer LLM had to assemble words before it could look for them in the image. With whole
 words the sequences are 0.43x as long (the demo runs ~35% faster) and colour questions went from
-chance to 8-11 of 13 right; pointing was not measurably more reliable (docs/benchmarks.md, session 6).
+chance to 8-11 of 13 right; pointing was not measurably more reliable (docs/benchmarks.md#how-the-config-was-found).
 """
 from __future__ import annotations
 

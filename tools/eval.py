@@ -23,7 +23,7 @@ runs a checkpoint over a dataset with batched greedy decoding and writes DIR/pre
 per question: the prediction and its ground truth, in the fields above, so `score` can re-score it) and
 DIR/metrics.json. NAME: a synthetic task (built on the fly), a dataset built with `tools.build_data`
 (PixMo points/count/docs/clocks, the academic VQA-style sets, `vqa:<name>`); the metric follows the
-dataset (spec 15.3, table in input_pipeline/evaluation.py), --metric overrides it. --mesh loads the
+dataset (docs/architecture.md#metrics, table in input_pipeline/evaluation.py), --metric overrides it. --mesh loads the
 parameters sharded over a device mesh (molmo_jax.sharding) and splits each batch over its batch axes.
 """
 from __future__ import annotations
@@ -32,13 +32,10 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
 
 import numpy as np
 
-from molmo_jax.metrics import (anls, clock_accuracy, counting_metrics, exact_match,
-                               multiple_choice_accuracy, pointing_metrics, pointing_scores,
-                               postprocess_answer, relaxed_accuracy, vqa_accuracy)
+from molmo_jax.metrics import tasks
 
 
 class InputError(Exception):
@@ -112,90 +109,36 @@ def _points(row: dict, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tasks: each turns the checked rows into a dict of metrics
+# Scoring: the checked fields of each row through the one task table (molmo_jax.metrics.tasks)
 
-def _mean_score(rows, args, score: Callable[[dict, str, str], dict]) -> dict:
-    """Average per-row score dicts; `score(row, where, prediction)` checks fields and scores."""
-    per_row = []
-    for where, row in rows:
-        pred = _prediction(row, where)
-        if not args.no_postprocess:
-            pred = postprocess_answer(pred)
-        per_row.append(score(row, where, pred))
-    return {key: float(np.mean([s[key] for s in per_row])) for key in per_row[0]}
-
-
-def score_vqa(rows, args):
-    return _mean_score(rows, args, lambda row, where, pred: dict(
-        accuracy=vqa_accuracy(pred, _answers(row, where))))
-
-
-def score_vqa_plain(rows, args):
-    return _mean_score(rows, args, lambda row, where, pred: dict(
-        accuracy=vqa_accuracy(pred, _answers(row, where), normalize=False)))
-
-
-def score_anls(rows, args):
-    def one(row, where, pred):
-        answers = _answers(row, where)
-        return dict(anls=anls(pred, answers), exact_match=exact_match(pred, answers))
-    return _mean_score(rows, args, one)
-
-
-def score_exact(rows, args):
-    return _mean_score(rows, args, lambda row, where, pred: dict(
-        accuracy=exact_match(pred, _answers(row, where))))
-
-
-def score_relaxed(rows, args):
-    def one(row, where, pred):
-        answers = _answers(row, where)
-        return dict(accuracy=relaxed_accuracy(pred, answers), exact_match=exact_match(pred, answers))
-    return _mean_score(rows, args, one)
-
-
-def score_mc(rows, args):
-    def one(row, where, pred):
+def _truth(task: str, row: dict, where: str) -> dict:
+    """The ground-truth fields `task` reads, checked."""
+    if task == "pointing":
+        return dict(points=_points(row, where), image_width=_int_field(row, "image_width", where, 1),
+                    image_height=_int_field(row, "image_height", where, 1), mask=row.get("mask"))
+    if task == "counting":
+        return dict(count=_int_field(row, "count", where, 0))
+    truth = dict(answers=_answers(row, where, allow_int=task == "mc"))
+    if task == "mc":
         options = row.get("options")
         if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
             raise InputError(f"{where}: field 'options' must be a list of strings")
-        return dict(accuracy=multiple_choice_accuracy(pred, _answers(row, where, allow_int=True), options))
-    return _mean_score(rows, args, one)
+        truth["options"] = options
+    return truth
 
 
-def score_clock(rows, args):
-    def one(row, where, pred):
-        try:
-            return dict(accuracy=max(clock_accuracy(pred, a) for a in _answers(row, where)))
-        except ValueError as e:
-            raise InputError(f"{where}: {e}") from None
-    return _mean_score(rows, args, one)
-
-
-def score_counting(rows, args):
-    predictions = [_prediction(row, where) for where, row in rows]
-    counts = [_int_field(row, "count", where, 0) for where, row in rows]
-    return counting_metrics(predictions, counts, original_quirks=args.original_quirks)
-
-
-def score_pointing(rows, args):
-    scores = []
+def score_rows(task: str, rows, args) -> dict:
+    settings = tasks.ScoreSettings(postprocess=not args.no_postprocess, distance_threshold=args.distance_threshold,
+                                   original_units=args.original_units, original_quirks=args.original_quirks)
+    predictions, truths, scores = [], [], []
     for where, row in rows:
-        pred = _prediction(row, where)
-        points = _points(row, where)
-        width = _int_field(row, "image_width", where, 1)
-        height = _int_field(row, "image_height", where, 1)
+        predictions.append(_prediction(row, where))
+        truths.append(_truth(task, row, where))
         try:
-            scores.append(pointing_scores(pred, points, width, height, row.get("mask"),
-                                          original_units=args.original_units,
-                                          distance_threshold=args.distance_threshold))
+            scores.append(tasks.score(task, predictions[-1], truths[-1], settings))
         except ValueError as e:
             raise InputError(f"{where}: {e}") from None
-    return pointing_metrics(scores)
-
-
-TASKS = {"pointing": score_pointing, "counting": score_counting, "vqa": score_vqa, "vqa_plain": score_vqa_plain,
-         "anls": score_anls, "relaxed": score_relaxed, "exact": score_exact, "mc": score_mc, "clock": score_clock}
+    return tasks.aggregate(task, scores, predictions, truths, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +160,7 @@ def format_table(task: str, path: str, metrics: dict) -> str:
 
 def run_score(args) -> int:
     rows = read_jsonl(args.predictions)
-    metrics = TASKS[args.task](rows, args)
-    metrics["n"] = len(rows)
+    metrics = score_rows(args.task, rows, args)
     if args.json:
         print(json.dumps(dict(task=args.task, **{k: ({str(kk): vv for kk, vv in v.items()}
                                                      if isinstance(v, dict) else v)
@@ -233,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     score = commands.add_parser("score", help="score a JSONL file of predictions",
                                 description="Score a JSONL file of predictions (see the module docstring).")
-    score.add_argument("--task", required=True, choices=sorted(TASKS))
+    score.add_argument("--task", required=True, choices=tasks.TASKS)
     score.add_argument("--predictions", required=True, metavar="FILE.jsonl")
     score.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     score.add_argument("--no-postprocess", action="store_true",
-                       help="vqa/anls/relaxed/mc/clock: do not apply the answer post-processing (spec 15.2)")
+                       help="vqa/anls/relaxed/mc/clock: do not apply the answer post-processing (docs/architecture.md#metrics)")
     score.add_argument("--original-quirks", action="store_true",
                        help="counting: parse as the original ('There are none.' is unparsable)")
     score.add_argument("--original-units", action="store_true",
@@ -350,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic_pointing",
                         help="NAME[:split], e.g. synthetic_counting:test, text_vqa:validation, pixmo_count_counting "
                              "(default split: test, else validation)")
-    parser.add_argument("--metric", default=None, choices=sorted(TASKS),
-                        help="score a built dataset with this task instead of its own (spec 15.3)")
+    parser.add_argument("--metric", default=None, choices=tasks.TASKS,
+                        help="score a built dataset with this task instead of its own (docs/architecture.md#metrics)")
     parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                         help="shard the parameters and batches over a device mesh, e.g. data=1,fsdp=-1,tensor=2 "
                              "(default: one device)")

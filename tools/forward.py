@@ -1,11 +1,14 @@
 """Run the Molmo forward pass of a PyTorch-format model directory on golden-style inputs.
 
-    python -m tools.forward MODEL_DIR --inputs INPUTS.npz --out OUT.npz [--dtype bfloat16]
+    python -m tools.forward MODEL_DIR --inputs INPUTS.npz --out OUT.npz [--dtype bfloat16] [--grads]
 
 INPUTS.npz uses the golden layout: `input_ids`, `images`, `image_masks`, `image_input_idx`, and
 optionally the `batch2_*` (a padded batch) and `loss_*` (training example: `loss_input_ids`,
 `loss_labels`, `loss_masks`) variants. OUT.npz gets `logits`, `connector_output`, and
-`batch2_logits` / `loss` / `z_loss` when their inputs are present.
+`batch2_logits` / `loss` / `z_loss` when their inputs are present. With `--grads`, OUT.npz also gets
+`grad/<name>` for every parameter: the gradient of the training loss of the `loss_*` example (the
+trainer's own loss path, without the z-loss), in the original's parameter names (no `model.` prefix)
+and PyTorch layout, as the golden `grads.npz`. MODEL_DIR may be any checkpoint `weights.load` reads.
 """
 from __future__ import annotations
 
@@ -39,12 +42,38 @@ def read_inputs(path) -> dict:
     return data
 
 
+def loss_gradients(cfg, model, data) -> dict:
+    """{"grad/<original name>": array} of the loss (no z-loss) of the `loss_*` example, computed with
+    `losses.training_loss`, the trainer's objective, and mapped to the original's names and layout."""
+    import jax
+    from flax import nnx
+
+    from molmo_jax import losses
+    from molmo_jax.weights.mappings import molmo as molmo_mapping
+    from molmo_jax.weights.params import flatten_params
+    from molmo_jax.weights.rules import to_torch
+
+    masks = data["loss_masks"]
+    batch = dict(input_ids=data["loss_input_ids"], target_tokens=np.where(masks > 0, data["loss_labels"], -1),
+                 loss_masks=masks, images=data["images"], image_masks=data["image_masks"],
+                 image_input_idx=data["image_input_idx"])
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return losses.training_loss(nnx.merge(graphdef, state), batch)[1]["loss"]
+
+    grads = {p: np.asarray(g, np.float32) for p, g in flatten_params(jax.jit(jax.grad(loss))(state)).items()}
+    return {f"grad/{k}": v for k, v in to_torch(molmo_mapping.rules(cfg), grads).items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.forward", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", help="PyTorch-format Molmo directory (original or released HF form)")
     parser.add_argument("--inputs", required=True, help="golden-style inputs .npz")
     parser.add_argument("--out", required=True, help="where to write the outputs .npz")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--grads", action="store_true",
+                        help="also write grad/<name> for every parameter (needs the loss_* arrays)")
     args = parser.parse_args(argv)
 
     import jax
@@ -55,6 +84,9 @@ def main(argv=None):
     from molmo_jax.weights import WeightsError
 
     data = read_inputs(args.inputs)
+    if args.grads and "loss_input_ids" not in data:
+        raise SystemExit(f"error: {args.inputs}: --grads needs the training example (loss_input_ids, loss_labels, "
+                         "loss_masks)")
     t0 = time.time()
     try:
         cfg, model = weights.load(args.model_dir, dtype=args.dtype, compute_dtype=args.dtype)
@@ -85,12 +117,16 @@ def main(argv=None):
         labels = np.where(masks > 0, data["loss_labels"], -100)
         loss, z_loss, _ = losses.loss_fn({"logits": logits}, labels, masks)
         out["loss"], out["z_loss"] = np.float32(loss), np.float32(z_loss)
+    if args.grads:
+        out.update(loss_gradients(cfg, model, data))
     np.savez(args.out, **out)
     summary = f"{cfg.name}: logits {out['logits'].shape}"
     if "batch2_logits" in out:
         summary += f", batch2_logits {out['batch2_logits'].shape}"
     if "loss" in out:
         summary += f", loss {float(out['loss']):.6f} (z-loss {float(out['z_loss']):.6f})"
+    if args.grads:
+        summary += f", {sum(k.startswith('grad/') for k in out)} gradients"
     print(f"{summary}; wrote {args.out} in {time.time() - t0:.1f}s")
     return 0
 

@@ -24,7 +24,7 @@ Validation split: when a dataset has only a Hub `train` split, the `n_val` image
 data with the smallest SHA-256 of "molmo_jax/val:" + image_url form `validation`, the rest `train`.
 The rule looks at every URL of the Hub file, dead or alive, so an image is in the same split on every
 machine whatever downloaded; the price is that `validation` holds n_val minus the dead images (the
-original splits the survivors, so its split differs between download runs, PIXMO.md 1.4).
+original splits the survivors, so its split differs between download runs, docs/architecture.md#pixmo-datasets).
 
 TFDS config names do not depend on --split-sizes: building again with other sizes needs --overwrite.
 """

@@ -1,4 +1,4 @@
-"""TFDS builders of the PixMo datasets from a local copy of their Hub files (PIXMO.md section 2).
+"""TFDS builders of the PixMo datasets from a local copy of their Hub files (docs/architecture.md#pixmo-datasets).
 
     python -m tools.build_data pixmo_points --subset basic --data-dir DIR --source HUB --images IMAGES
 
@@ -183,7 +183,7 @@ class PixmoCount(hub.HubBuilder):
 
 class PixmoPointExplanations(hub.HubBuilder):
     """PixMo-Point-Explanations: answers with inline points; an image with n > 1 questions gives two
-    records, its first ceil(n/2) questions and the rest (PIXMO.md 2.7)."""
+    records, its first ceil(n/2) questions and the rest (docs/architecture.md#pixmo-datasets)."""
     VERSION = tfds.core.Version("1.0.0")
     REPO, N_VAL, GROUPED, SHA_CHECK = "pixmo-point-explanations", 1024, True, True
     COLUMNS = ("image_url", "image_sha256", "question", "parsed_response", "alt_text", "inline_text", "points")

@@ -42,7 +42,7 @@ class Block(nnx.Module):
 
 def _dropout(y, rates, rng):
     """Residual dropout with a per-position rate [B, T, 1] (response dropout,
-    docs/architecture.md#training)."""
+    docs/architecture.md#dropout)."""
     if rng is None or rates is None:
         return y
     keep_p = 1.0 - rates

@@ -9,7 +9,7 @@ from molmo_jax.layers.core import param
 
 
 class RMSNorm(nnx.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then times the weight (spec 10.2)."""
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then times the weight (docs/architecture.md#blocks)."""
 
     def __init__(self, dim: int, eps: float, axis_name="norm", *, param_dtype="float32", stack=0):
         self.eps = eps

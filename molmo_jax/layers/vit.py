@@ -1,4 +1,4 @@
-"""The image encoder: a CLIP-style ViT (docs/architecture.md#vit).
+"""The image encoder: a CLIP-style ViT (docs/architecture.md#3-vision-encoder).
 
 Input: crops as flattened patches [N, P, 588] ((dy, dx, rgb) order, already normalised).
 Patch embedding without bias, class token, learned positions, `pre_ln`, pre-norm residual blocks

@@ -1,4 +1,4 @@
-"""Molmo's evaluation metrics (spec MOLMO.md 15, PIXMO.md 6).
+"""Molmo's evaluation metrics (docs/architecture.md#metrics).
 
 pointing      precision / recall / F1 with Hungarian matching and mask or distance hits
 counting      exact / close / valid accuracy and per-count accuracy

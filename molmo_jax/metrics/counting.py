@@ -1,4 +1,4 @@
-"""Counting accuracy (CountBenchQA, PixMo-Count; spec MOLMO.md 7.2 / 15.3, PIXMO.md 6).
+"""Counting accuracy (CountBenchQA, PixMo-Count; docs/architecture.md#point-parsing, #metrics).
 
 Reported: `accuracy` (exact, the headline number), `close` (|pred - gt| <= 1), `valid` (parsable),
 `per_count` accuracy for each ground-truth count and `per_count_mean`, their unweighted mean.

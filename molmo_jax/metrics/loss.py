@@ -16,7 +16,7 @@ def token_loss_sum(logits, target_tokens, loss_masks) -> tuple[float, float]:
     """Summed weighted cross-entropy and summed weight for one batch.
 
     logits [B, T, V]; target_tokens [B, T] (-1 = padding); loss_masks [B, T] weights.
-    Targets are already aligned with the inputs (spec 6.5): logits[t] is scored against
+    Targets are already aligned with the inputs (docs/architecture.md#sequence-assembly): logits[t] is scored against
     target_tokens[t], with no extra shift.
     """
     logits = np.asarray(logits, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Pointing precision / recall / F1 (spec MOLMO.md 15.3, PIXMO.md 6).
+"""Pointing precision / recall / F1 (docs/architecture.md#metrics).
 
 Per example:
 1. Parse the predicted points into pixels (molmo_jax.points.parse_points).

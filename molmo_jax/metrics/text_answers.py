@@ -1,5 +1,5 @@
 """Short-answer metrics: VQA soft accuracy, ANLS, ChartQA relaxed accuracy, exact match and
-multiple-choice option accuracy, plus the prediction post-processing of spec MOLMO.md 15.2.
+multiple-choice option accuracy, plus the prediction post-processing of docs/architecture.md#metrics.
 
 Every scorer takes one prediction and its list of reference answers and returns a float in [0, 1];
 averaging over examples is left to the caller (see tools/eval.py).

@@ -6,7 +6,7 @@ Inputs follow the original's batch layout (padding = -1 everywhere):
   image_masks      [B, C, P]         float, as the preprocessor gives them (one-crop shift included)
   image_input_idx  [B, C, tokens]    int, position of each pooled feature; < 0 = skip
 
-The connector (docs/architecture.md#connector): ViT features [B, C, P, kD] -> zero the
+The connector (docs/architecture.md#4-connector): ViT features [B, C, P, kD] -> zero the
 batch-padding crops -> + pad embeddings chosen by the image masks -> pool each 2x2 window with one
 attention whose query is the window mean -> SwiGLU projector -> [B, C, tokens_per_crop, d_model].
 """
@@ -67,7 +67,7 @@ class Connector(nnx.Module):
             self.w1 = Dense(proj_in, d, ("vit_embed",), ("embed",), **kw)
 
     def add_pad_embed(self, features, images, image_masks):
-        """Zero batch-padding crops (all -1), then add the padding embeddings (docs/architecture.md#connector).
+        """Zero batch-padding crops (all -1), then add the padding embeddings (docs/architecture.md#4-connector).
 
         features: [B, C, P, kD]; images: [B, C, P, 588]; image_masks: [B, C, P] (used as given,
         including the original's one-crop shift).
@@ -112,7 +112,7 @@ class Connector(nnx.Module):
         b, n = features.shape[:2]
         x = self.add_pad_embed(features, images, image_masks)
         rate = self.cfg.connector.image_feature_dropout
-        if dropout_rng is not None and rate > 0:  # elementwise, on the padded features (docs/architecture.md#connector)
+        if dropout_rng is not None and rate > 0:  # elementwise, on the padded features (docs/architecture.md#4-connector)
             keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, x.shape)
             x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
         pooled = self.pool(self.windows(x))
@@ -140,7 +140,7 @@ class Molmo(nnx.Module):
         return self.connector(self.vit_features(images), images, image_masks, dropout_rng)
 
     def embed_inputs(self, input_ids, images=None, image_masks=None, image_input_idx=None, dropout_rng=None):
-        """Token embeddings with the image features *added* at image_input_idx (docs/architecture.md#llm)."""
+        """Token embeddings with the image features *added* at image_input_idx (docs/architecture.md#embedding-and-image-features)."""
         x = self.llm.embed(input_ids)
         if images is None:
             return x

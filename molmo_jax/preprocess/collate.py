@@ -1,4 +1,4 @@
-"""Collator: a list of preprocessed examples -> one model batch with padding -1 (spec 4.9).
+"""Collator: a list of preprocessed examples -> one model batch with padding -1 (docs/architecture.md#batching).
 
 To keep the number of jit compilations bounded, text is padded up to the smallest of a few fixed
 sequence lengths (`seq_buckets`) and crops up to the smallest of a few crop counts
@@ -93,7 +93,7 @@ class Collator:
                 if key in ex:
                     arr[i, :n] = ex[key]
                 elif key == "subsegment_ids":
-                    arr[i, :n] = 1      # unpacked examples in a packed batch (spec 6.6)
+                    arr[i, :n] = 1      # unpacked examples in a packed batch (docs/architecture.md#packing)
                 elif key == "position_ids":
                     arr[i, :n] = np.arange(n)
             out[key] = arr

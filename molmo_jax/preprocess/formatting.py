@@ -1,4 +1,4 @@
-"""Conversation -> list of message strings, as the released models expect (spec 6.2-6.4, 7.1, 13.2).
+"""Conversation -> list of message strings, as the released models expect (docs/architecture.md#prompt-formatting).
 
 A conversation (one entry of an example's `message_list`, see the data contract) becomes
 [user, assistant, user, assistant, ...] strings; inference formats end with a user message. The
@@ -15,7 +15,7 @@ import numpy as np
 
 from molmo_jax.preprocess import templates
 
-# Styles that get no prefix 90% of the time under demo_or_style (spec 6.3).
+# Styles that get no prefix 90% of the time under demo_or_style (docs/architecture.md#prompt-formatting).
 DEMO_STYLES = ("point_count", "pointing", "user_qa", "long_caption")
 NO_PREFIX_STYLES = ("android_control", "demo")
 STYLE_ALIASES = {"eval_short_answer": "vqa2", "eval_multiple_choice": "a_okvqa_mc"}
@@ -102,7 +102,7 @@ def pointing_target(conv: dict, image_size) -> str:
 
 
 def _choices(conv: dict):
-    """(prompt, target) of a multiple-choice question (spec 6.2)."""
+    """(prompt, target) of a multiple-choice question (docs/architecture.md#prompt-formatting)."""
     options = [str(o) for o in conv["options"]]
     answer = _field(conv, "answer")
     if isinstance(answer, (int, np.integer)):
@@ -162,7 +162,7 @@ def conversation_turns(conv: dict, rng, settings: FormatSettings, image_size=Non
 
 
 def style_prefix(style: str, turns: list[str], rng, settings: FormatSettings, for_inference: bool) -> str | None:
-    """The system prompt put in front of the first user turn, or None (spec 6.3 and 13.2)."""
+    """The system prompt put in front of the first user turn, or None (docs/architecture.md#prompt-formatting)."""
     kind = settings.system_prompt
     style = STYLE_ALIASES.get(style, style)
     if kind == "none":

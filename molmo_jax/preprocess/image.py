@@ -112,7 +112,7 @@ def _candidate_tilings(max_crops: int) -> np.ndarray:
 
 
 def select_tiling(h: int, w: int, window: tuple[int, int], max_crops: int) -> tuple[int, int]:
-    """(rows, cols) of high-res crops for an image of h x w pixels *minus the margins* (spec 4.2):
+    """(rows, cols) of high-res crops for an image of h x w pixels *minus the margins* (docs/architecture.md#tiling):
     the least upscaling if some tiling needs none, else the least downscaling; float32 scales,
     ties to the earlier candidate in (r*c, r) order."""
     cand = _candidate_tilings(max_crops)
@@ -137,7 +137,7 @@ def to_float_chw(image: np.ndarray) -> np.ndarray:
 
 
 def letterbox_geometry(h: int, w: int, target: tuple[int, int]):
-    """(scaled_h, scaled_w, top, left) of the aspect-preserving resize into `target` (spec 4.3)."""
+    """(scaled_h, scaled_w, top, left) of the aspect-preserving resize into `target` (docs/architecture.md#letterbox)."""
     th, tw = target
     scale = min(F32(th) / F32(h), F32(tw) / F32(w))
     # float32 product then truncation; at least 1 px (the original would fail on a 0-px side).
@@ -148,7 +148,7 @@ def letterbox_geometry(h: int, w: int, target: tuple[int, int]):
 
 def resize_pad_normalize(x_chw: np.ndarray, target: tuple[int, int], s: ImageSettings):
     """Letterboxed, CLIP-normalised [3, th, tw] canvas and its (sh, sw, top, left) geometry:
-    resize, clip to [0, 1], pad with pad_value, then (x - mean) / std, all in float32 (spec 4.3)."""
+    resize, clip to [0, 1], pad with pad_value, then (x - mean) / std, all in float32 (docs/architecture.md#letterbox)."""
     _, h, w = x_chw.shape
     th, tw = target
     sh, sw, top, left = letterbox_geometry(h, w, target)
@@ -208,7 +208,7 @@ def patch_masks(geometry, rows: int, cols: int, stride: tuple[int, int], s: Imag
 # Tokens
 
 def _pooled_extent(i: int, n: int, window: int, margins: tuple[int, int], pool: int):
-    """(first kept pooled row/col inside crop i of n, number kept) along one axis (spec 4.6)."""
+    """(first kept pooled row/col inside crop i of n, number kept) along one axis (docs/architecture.md#pooled-tokens)."""
     lm, rm = margins
     size = window + (lm if i == 0 else 0) + (rm if i == n - 1 else 0)
     start = 0 if i == 0 else lm // pool
@@ -275,7 +275,7 @@ class ImageInputs:
 
 
 def process_image(image: np.ndarray, s: ImageSettings) -> ImageInputs:
-    """RGB uint8 [H, W, 3] -> crops, masks, tokens and feature positions (spec 4-5)."""
+    """RGB uint8 [H, W, 3] -> crops, masks, tokens and feature positions (docs/architecture.md#2-preprocessing)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"process_image expects RGB uint8 [H, W, 3], got {image.dtype} {image.shape} "
                          "(use molmo_jax.preprocess.load_image)")
@@ -299,7 +299,7 @@ def process_image(image: np.ndarray, s: ImageSettings) -> ImageInputs:
 
     hr_masks = patch_masks(hr_geom, rows, cols, win, s)
     if s.legacy_mask_shift:
-        # The released weights were trained with this off-by-one (spec 4.7): keep it.
+        # The released weights were trained with this off-by-one (docs/architecture.md#image-masks): keep it.
         extra = np.full((1, n_patches), -1.0, F32)
         image_masks = np.concatenate([hr_masks, extra], axis=0)
     else:

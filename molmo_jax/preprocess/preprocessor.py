@@ -39,7 +39,7 @@ class Preprocessor:
 
     def format_messages(self, example: dict, rng: np.random.Generator, for_inference: bool,
                         image_size=None) -> list[list[str]]:
-        """Formatted message strings of every conversation (shuffled for training, spec 6.6)."""
+        """Formatted message strings of every conversation (shuffled for training, docs/architecture.md#packing)."""
         convs = example.get("message_list")
         if not isinstance(convs, (list, tuple)) or not convs:
             raise formatting.FormatError(f"example needs a non-empty 'message_list' (keys: {sorted(example)})")

@@ -1,4 +1,5 @@
-"""Token sequence of one example: messages + image blocks -> model arrays (spec 5.2, 6.5, 6.6).
+"""Token sequence of one example: messages + image blocks -> model arrays
+(docs/architecture.md#sequence-assembly, #packing).
 
 Layout: [BOS] + image block(s) + text, where each image block goes right after its `<|image|>`
 marker or, without markers, at the start. Training format: input = sequence[:-1], targets =
@@ -14,7 +15,7 @@ import numpy as np
 
 from molmo_jax.preprocess.image import ImageInputs
 
-IMAGE_SUBSEGMENT = 10000  # subsegment id of BOS and image tokens in packed examples (spec 6.6)
+IMAGE_SUBSEGMENT = 10000  # subsegment id of BOS and image tokens in packed examples (docs/architecture.md#packing)
 TEXT_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids")
 
 
@@ -37,7 +38,7 @@ def tokenize_messages(tokenizer, messages: list[str], weight: float = 1.0):
 
 def packed_position_ids(subsegments: np.ndarray) -> np.ndarray:
     """Position of token i = #(tokens j <= i with subsegment[j] >= subsegment[i]) - 1, so every
-    conversation continues after the image tokens as if it were alone (spec 6.6)."""
+    conversation continues after the image tokens as if it were alone (docs/architecture.md#packing)."""
     pos = np.empty(subsegments.shape, np.int32)
     for s in np.unique(subsegments):
         here = subsegments == s

@@ -1,7 +1,7 @@
-"""User-prompt templates of the `uber_model` prompt type (spec 6.2).
+"""User-prompt templates of the `uber_model` prompt type (docs/architecture.md#prompt-formatting).
 
 The original's exact wording is not available to this project; these lists are written here, with
-the sizes the spec gives (23 captioning requests, 43 pointing and 57 counting templates) and the
+the sizes the original's lists have (23 captioning requests, 43 pointing and 57 counting templates) and the
 few examples it quotes. A model fine-tuned by the original saw other wordings; all of these are
 plain requests of the same kind, and evaluation prompts use a dataset's own question or a fixed
 template anyway. `{label}` is filled with the lower-cased object label.

@@ -1,6 +1,6 @@
 """Text tokenizer: a Hugging Face `tokenizer.json` read with the `tokenizers` library (no hub).
 
-As the original (spec 3): the vocabulary is padded with filler tokens `|<EXTRA_TOKENS_i>|` up to
+As the original (docs/architecture.md#tokenizer): the vocabulary is padded with filler tokens `|<EXTRA_TOKENS_i>|` up to
 the model's `vocab_size`, then the five Molmo tokens follow at `vocab_size + 0..4`. BOS is the
 tokenizer's BOS if it has one, else its EOS (Qwen2 and OLMo tokenizers have no BOS). Text is
 encoded without special tokens, one message at a time.
@@ -137,7 +137,7 @@ class MolmoTokenizer:
         raise ValueError(f"token id {tid} is outside the vocabulary of {len(self)} tokens")
 
     def decode(self, ids, skip_special_tokens: bool = True, truncate_at_eos: bool = True) -> str:
-        """Text of generated ids: a leading BOS is dropped, decoding stops at the first EOS (spec 3.2).
+        """Text of generated ids: a leading BOS is dropped, decoding stops at the first EOS (docs/architecture.md#p12-eos-as-bos).
         With skip_special_tokens, filler and image tokens are left out."""
         ids = [int(t) for t in np.asarray(ids).reshape(-1)]
         if ids and ids[0] == self.bos_id:
