@@ -167,15 +167,15 @@ def demo():
 
 
 def bench_s():
-    """The shared CPU benchmark configuration (shared/bench/bench_s_config.json)."""
-    return model_config(
-        "bench_s",
-        llm_config(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, mlp_dim=1408,
-                   vocab_size=32000, embedding_size=32000, qkv_bias=True, norm_eps=1e-6,
-                   max_sequence_length=1024, bos_token_id=384, eos_token_id=384),
-        vit=vit_config(width=256, n_layers=6, n_heads=4, head_dim=64, mlp_dim=1024, vit_layers=(-2, -4)),
-        image=image_config(max_crops=4, overlap_margins=(4, 4)),
-    )
+    """The CPU benchmark configuration (bench/bench_s_config.json): the tiny structure at 336 px."""
+    c = tiny()
+    c.name = "bench_s"
+    c.llm.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, mlp_dim=1408, vocab_size=32000,
+                 embedding_size=32000)
+    c.vit.update(image_size=(336, 336), width=256, n_layers=6, n_heads=4, head_dim=64, mlp_dim=1024,
+                 vit_layers=(-2, -4))
+    c.image.update(overlap_margins=(4, 4))
+    return c
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:

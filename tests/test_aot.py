@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny_sft
-from molmo_jax.analysis import aot, hlo_stats
+from molmo_jax.analysis import aot, hlo_stats, topology
 from molmo_jax import models as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def expected_param_bytes(cfg, mesh: dict) -> int:
 def reports():
     """The FSDP report is compiled; the tensor-parallel one stops after the state sizes (compiling
     it too would double this file's run time and test nothing more about parameter bytes)."""
-    topo = aot.parse_topology("cpu-8")
+    topo = topology.parse_topology("cpu-8")
     return {"fsdp": (dict(fsdp=8), aot.compile_report(small_config(), topo, dict(fsdp=8))),
             "tensor": (dict(fsdp=2, tensor=4), aot.compile_report(small_config(), topo, dict(fsdp=2, tensor=4),
                                                                    compile=False))}
@@ -122,7 +122,7 @@ def test_bad_topology_and_mesh_are_clear_errors():
     for name, words in (("v9-8", "unknown TPU"), ("v5p-7", "even"), ("v5e-512", "largest slice"),
                         ("v5p-24", "power of two"), ("tpu", "expected NAME-N")):
         with pytest.raises(ValueError, match=words):
-            aot.parse_topology(name)
+            topology.parse_topology(name)
     out = subprocess.run([sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--topology",
                           "cpu-8", "--mesh", "fsdp=3,tensor=2"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
@@ -130,16 +130,16 @@ def test_bad_topology_and_mesh_are_clear_errors():
 
 
 def test_topology_names():
-    t = aot.parse_topology("v5p-128")
+    t = topology.parse_topology("v5p-128")
     assert (t.chip.name, t.chips_per_slice, t.shape, t.num_slices) == ("v5p", 64, (4, 4, 4), 1)
-    assert aot.parse_topology("v5p-8").shape == (2, 2, 1)
-    assert aot.parse_topology("v5p-256").shape == (4, 4, 8)
-    assert aot.parse_topology("v4-16").shape == (2, 2, 2)
-    assert aot.parse_topology("v5e-256").shape == (16, 16)
-    assert aot.parse_topology("v5litepod-8").shape == (2, 4) and aot.parse_topology("v6e-16").shape == (4, 4)
-    multi = aot.parse_topology("2xv5p-256")
+    assert topology.parse_topology("v5p-8").shape == (2, 2, 1)
+    assert topology.parse_topology("v5p-256").shape == (4, 4, 8)
+    assert topology.parse_topology("v4-16").shape == (2, 2, 2)
+    assert topology.parse_topology("v5e-256").shape == (16, 16)
+    assert topology.parse_topology("v5litepod-8").shape == (2, 4) and topology.parse_topology("v6e-16").shape == (4, 4)
+    multi = topology.parse_topology("2xv5p-256")
     assert (multi.num_slices, multi.chips_per_slice, multi.n_devices) == (2, 128, 256)
-    assert aot.parse_topology("cpu-4").n_devices == 4 and not aot.parse_topology("cpu-4").is_tpu
+    assert topology.parse_topology("cpu-4").n_devices == 4 and not topology.parse_topology("cpu-4").is_tpu
 
 
 def test_hlo_flops_count_every_loop_trip():
@@ -204,7 +204,7 @@ def test_sweep_grid_and_ranking():
 
 
 def test_roofline_takes_the_slowest_of_compute_memory_and_ici():
-    chip = aot.CHIPS["v5p"]
+    chip = topology.CHIPS["v5p"]
     r = dict(flops_per_device=chip.peak_flops * 2.0, hbm_traffic_bytes_per_device=chip.hbm_bw * 1.0,
              ici_bytes_per_device=chip.ici_bw * 3.0, model_flops_per_device=chip.peak_flops * 1.5)
     roof = aot.roofline(r, chip)
@@ -221,8 +221,8 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
     """A tiny step compiles for a v5e-8 slice; one with a huge batch hits the compiler's
     RESOURCE_EXHAUSTED, which is reported, not raised."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: no TPU lock file needed
-    topo = aot.parse_topology("v5e-8")
-    devices = aot.topology_devices(topo)
+    topo = topology.parse_topology("v5e-8")
+    devices = topology.topology_devices(topo)
     assert len(devices) == 8 and devices[0].platform == "tpu"
     r = aot.compile_report(small_config(), topo, dict(fsdp=8), devices=devices)
     assert r["fits"] and r["device_kind"] == "TPU v5 lite" and r["roofline"]["step_s"] > 0
@@ -231,8 +231,8 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
     big.batch_size, big.seq_len = 1024, 2048
     r = aot.compile_report(big, topo, dict(fsdp=8), devices=devices)
     assert not r["fits"] and "RESOURCE_EXHAUSTED" in r["oom_message"]
-    assert r["compiler_hbm_bytes"] == pytest.approx(aot.CHIPS["v5e"].hbm_bytes, rel=0.01)
-    assert r["peak_bytes_per_device"] > aot.CHIPS["v5e"].hbm_bytes
+    assert r["compiler_hbm_bytes"] == pytest.approx(topology.CHIPS["v5e"].hbm_bytes, rel=0.01)
+    assert r["peak_bytes_per_device"] > topology.CHIPS["v5e"].hbm_bytes
 
 
 _TABLE_SCRIPT = """

@@ -40,7 +40,7 @@ GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 TINY_TOKENIZER = ROOT / "molmo_jax" / "assets" / "tiny_tokenizer"
 
 # Fenced blocks that are not commands, by their first word: the source tree drawn in "The house".
-NOT_COMMAND_BLOCKS = {"molmo_jax/": "the source tree diagram"}
+NOT_COMMAND_BLOCKS = {"tools/": "the source tree diagram"}
 
 # The stand-in PixMo-Cap Hub file: PixMo-Cap has only a Hub train split and its builder holds out
 # 2048 images for validation, or half of them in a trial build as small as this one.

@@ -104,3 +104,32 @@ def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         sharding.make_mesh(dict(data=-1, fsdp=-1))
     assert sharding.make_mesh(dict(data=2, fsdp=-1)).shape == dict(data=2, fsdp=4, tensor=1, expert=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data=2,fsdp=4,tensor=1", None),
+    ("fsdp=-1, tensor=2", None),
+    ("batch=2", "AXIS one of data, fsdp, tensor, expert"),
+    ("fsdp", "expected AXIS=N"),
+    ("fsdp=two", "size of 'fsdp' must be an integer"),
+    ("fsdp=0", "must be >= 1 or -1"),
+    ("fsdp=-2", "must be >= 1 or -1"),
+    ("fsdp=-1,data=-1", "at most one axis may be -1"),
+    ("fsdp=2,fsdp=4", "given twice"),
+    (" , ", "no axis given"),
+])
+def test_parse_mesh_is_the_one_validation(text, message):
+    """Every tool's --mesh goes through sharding.parse_mesh; the device count is checked by mesh_shape."""
+    if message is None:
+        spec = sharding.parse_mesh(text)
+        assert sharding.mesh_shape(spec, 8) in ((2, 4, 1, 1), (1, 4, 2, 1))
+        return
+    with pytest.raises(sharding.MeshError, match=message):
+        sharding.parse_mesh(text)
+
+
+def test_mesh_that_does_not_divide_the_devices():
+    with pytest.raises(sharding.MeshError, match="8 devices are not divisible by 3"):
+        sharding.mesh_shape(sharding.parse_mesh("tensor=3,fsdp=-1"), 8)
+    with pytest.raises(sharding.MeshError, match="unknown axes"):
+        sharding.mesh_shape({"pipeline": 2}, 8)
