@@ -12,7 +12,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import GOLDEN
-from molmo_jax import weights
 from molmo_jax import config as config_lib
 from molmo_jax import weights
 from molmo_jax.models import create_model
@@ -67,6 +66,21 @@ def test_save_and_load_model(tmp_path, tiny_model, form):
     assert cfg2.to_dict() == cfg.to_dict()
     assert_same_params(model, tiny_model)
     assert not list(tmp_path.glob(".m.*")), "temporary directory left behind"
+
+
+def test_model_directory_written_before_model_families_still_loads(tmp_path, tiny_model):
+    """Configs saved before `family` existed have no such key: they are Molmo."""
+    weights.save_model(tmp_path / "m", tiny_model.cfg, tiny_model)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config.pop("family") == "molmo"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    cfg, model = weights.load(tmp_path / "m")
+    assert "family" not in cfg and type(model).__name__ == "Molmo"
+    assert_same_params(model, tiny_model)
+    config["family"] = "molmo3"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="config.json: model family 'molmo3' is not known; choose one of molmo"):
+        weights.load(tmp_path / "m")
 
 
 def test_bf16_params_are_stored_as_bf16_and_cast_on_load(tmp_path, tiny_model):

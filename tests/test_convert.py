@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from conftest import GOLDEN
-from molmo_jax import weights
 from molmo_jax import config as config_lib
 from molmo_jax import weights
 from molmo_jax.weights import export_checkpoint, import_checkpoint

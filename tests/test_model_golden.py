@@ -14,7 +14,6 @@ from flax import nnx
 
 from molmo_jax import config as config_lib
 from molmo_jax import losses
-from molmo_jax import models as model_lib
 from molmo_jax import weights
 
 from conftest import GOLDEN

@@ -24,16 +24,16 @@ from molmo_jax.weights.importer import import_checkpoint
 from molmo_jax.weights.locate import CheckpointInfo, find_checkpoint
 from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path
 from molmo_jax.weights.params import model_from_flat, uniform_dtype
-from molmo_jax.weights.pytorch import read_config, read_pytorch
+from molmo_jax.weights.pytorch import convert_tensors, open_pytorch, read_config, read_pytorch
 
 save = save_model
 __all__ = ["WeightsError", "CheckpointInfo", "find_checkpoint", "load", "load_config", "save", "save_model",
-           "import_checkpoint", "export_checkpoint", "init_from_base"]
+           "read_pytorch", "import_checkpoint", "export_checkpoint", "init_from_base"]
 
 
 def load_config(path, config=None):
     """The model config of any checkpoint `load` reads (`config`: for a bare state dict file)."""
-    info = find_checkpoint(path)
+    info = path if isinstance(path, CheckpointInfo) else find_checkpoint(path)
     if info.kind == "pytorch":
         return read_config(info, config)
     return config_from_dict(read_json(info.config_path), str(info.config_path))
@@ -50,19 +50,21 @@ def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, con
     from flax import nnx
 
     info = find_checkpoint(path)
+    if info.kind == "pytorch":
+        cfg, tensors = open_pytorch(info, config)
+    else:
+        cfg = load_config(info)
     if mesh is not None:
         from molmo_jax import sharding
         from molmo_jax.models import abstract_model
 
-        abstract = nnx.state(abstract_model(load_config(path, config)), nnx.Param)
-        shardings = sharding.param_shardings(abstract, mesh)
+        shardings = sharding.param_shardings(nnx.state(abstract_model(cfg), nnx.Param), mesh)
     if info.kind == "pytorch":
-        cfg, flat = read_pytorch(path, config=config, dtype=dtype)
+        flat = convert_tensors(cfg, tensors, dtype, path)
         by_path = shardings_by_path(shardings, flat)
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         flat = {p: jax.device_put(a, by_path[p] or default) for p, a in flat.items()}
     else:
-        cfg = config_from_dict(read_json(info.config_path), str(info.config_path))
         flat = restore_params(info.params_dir, cfg, shardings, dtype)
         cfg.param_dtype = uniform_dtype(a.dtype for a in flat.values()) or cfg.param_dtype
     if compute_dtype is not None:

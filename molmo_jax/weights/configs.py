@@ -5,6 +5,7 @@ import json
 
 from ml_collections import ConfigDict
 
+from molmo_jax.models import FAMILIES
 from molmo_jax.weights.errors import WeightsError
 
 
@@ -35,4 +36,7 @@ def config_from_dict(d: dict, source="config") -> ConfigDict:
         d = d["model"]
     if "llm" not in d:
         raise WeightsError(f"{source}: not a molmo_jax model config (no 'llm' section)")
+    family = d.get("family", "molmo")
+    if family not in FAMILIES:
+        raise WeightsError(f"{source}: model family {family!r} is not known; choose one of {', '.join(FAMILIES)}")
     return ConfigDict(tuples(d))

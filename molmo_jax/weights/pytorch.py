@@ -50,10 +50,11 @@ def read_config(info: CheckpointInfo, config=None, tensors: TensorSource | None 
 
 
 def open_pytorch(path, config=None):
-    """(cfg, tensors) of a PyTorch checkpoint, headers read and nothing else."""
-    info = find_checkpoint(path)
+    """(cfg, tensors) of a PyTorch checkpoint (a path, or what `find_checkpoint` made of it), headers
+    read and nothing else."""
+    info = path if isinstance(path, CheckpointInfo) else find_checkpoint(path)
     if info.kind != "pytorch":
-        raise WeightsError(f"{path}: a {info.kind} checkpoint, not a PyTorch one")
+        raise WeightsError(f"{info.path}: a {info.kind} checkpoint, not a PyTorch one")
     tensors = open_tensors(info.path, prefix=molmo_mapping.PREFIX)
     return read_config(info, config, tensors), tensors
 
@@ -70,10 +71,15 @@ def checked_reader(tensors, prefix: str = "", dtype=None):
 def read_pytorch(path, config=None, dtype=None):
     """(cfg, {path: array}) of a whole PyTorch checkpoint in memory, validated from the headers first."""
     cfg, tensors = open_pytorch(path, config)
+    return cfg, convert_tensors(cfg, tensors, dtype, getattr(path, "path", path))
+
+
+def convert_tensors(cfg, tensors, dtype=None, where="") -> dict:
+    """{path: array} of an opened PyTorch checkpoint, checked against `cfg` from its headers first;
+    sets `cfg.param_dtype` to what the arrays are converted to."""
     rules = molmo_mapping.rules(cfg)
-    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=molmo_mapping.PREFIX, where=str(path))
+    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=molmo_mapping.PREFIX, where=str(where))
     flat = to_flat(rules, checked_reader(tensors, molmo_mapping.PREFIX, cfg.param_dtype))
-    expected = param_paths(cfg)
-    if flat.keys() != expected.keys():  # the rules of a config cover exactly its parameters
-        raise WeightsError(f"{path}: internal: the mapping does not cover the config's parameters")
-    return cfg, flat
+    if flat.keys() != param_paths(cfg).keys():  # the rules of a config cover exactly its parameters
+        raise WeightsError(f"{where}: internal: the mapping does not cover the config's parameters")
+    return flat
