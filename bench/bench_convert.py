@@ -1,4 +1,4 @@
-"""Peak memory of the converter on a synthetic multi-GB checkpoint (issue 4, "Scale").
+"""Peak memory of the converter on a synthetic multi-GB checkpoint.
 
     python -m bench.bench_convert [--d-model 2048] [--n-layers 16] [--mlp-dim 8192] [--workdir DIR] [--keep]
 

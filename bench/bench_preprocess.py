@@ -1,4 +1,4 @@
-"""Image preprocessing throughput on one CPU core (issue 3), run by hand:
+"""Image preprocessing throughput on one CPU core, run by hand:
 
     .venv/bin/python -m bench.bench_preprocess [--size 640x480] [--images 24] [--rounds 15]
 

@@ -37,7 +37,7 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 
 def matmul_gflops(framework: str, dtype: str = "float32") -> float:
     """Median MATMUL_N^3 matmul rate, measured in a subprocess (keeps this process's RSS clean).
-    `dtype` float32 or, for jax only, bfloat16 (session 11: no faster than f32 even with AVX512_BF16)."""
+    `dtype` float32 or, for jax only, bfloat16 (measured 2026-12-03 on an AVX512_BF16 EPYC: no faster than f32)."""
     if dtype not in MATMUL_DTYPES or (framework != "jax" and dtype != "float32"):
         raise ValueError(f"matmul_gflops: no {dtype!r} rate for {framework!r} (jax: {MATMUL_DTYPES}, torch: float32)")
     code = _JAX_MATMUL if framework == "jax" else _TORCH_MATMUL

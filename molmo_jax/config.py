@@ -39,15 +39,9 @@ def image_config(**overrides) -> ml_collections.ConfigDict:
 def vit_config(**overrides) -> ml_collections.ConfigDict:
     """CLIP ViT-L/14-336 with 23 of its 24 layers kept (docs/architecture.md#3-vision-encoder)."""
     c = ml_collections.ConfigDict(dict(
-        image_size=(336, 336),
-        patch_size=14,
-        width=1024,
-        n_layers=23,
-        n_heads=16,
-        head_dim=64,
-        mlp_dim=4096,
-        norm_eps=1e-5,
-        activation="quick_gelu",
+        image_size=(336, 336), patch_size=14,
+        width=1024, n_layers=23, n_heads=16, head_dim=64, mlp_dim=4096,
+        norm_eps=1e-5, activation="quick_gelu",
         vit_layers=(-2, -9),
     ))
     c.update(overrides)

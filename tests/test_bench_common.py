@@ -1,4 +1,4 @@
-"""bench.common's matmul ceiling: the bf16 rate the bench-s step is set against (issue 6)."""
+"""bench.common's matmul ceiling: the bf16 rate the bench-s step is set against."""
 import pytest
 
 from bench import common

@@ -38,7 +38,7 @@ def test_preset_parameter_counts(name, released):
     assert n == count_from_shapes(cfg)
     if released:
         assert n == released
-    # Spec 11.3 totals, in billions, to the digits it gives.
+    # The released models' parameter totals, in billions, to the digits published.
     assert round(n / 1e9, 2) == {"molmo_7b_d": 8.02, "molmoe_1b": 7.22, "molmo_7b_o": 7.67, "molmo_72b": 73.31}[name]
 
 

@@ -1,4 +1,4 @@
-"""Every command in README.md runs: each is rehearsed here on tiny local stand-ins (issue 9).
+"""Every command in README.md runs: each is rehearsed here on tiny local stand-ins.
 
 The commands are read from README.md's fenced code blocks (continuation lines joined, shell comments
 dropped; `gcloud ... --command "..."` contributes the command it runs on the TPU hosts). REHEARSALS

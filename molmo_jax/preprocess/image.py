@@ -1,6 +1,6 @@
 """Image -> crops, patch masks, image tokens and feature positions (crop mode overlap-and-resize-c2).
 
-Spec MOLMO.md sections 4 and 5. One image gives
+See docs/architecture.md#2-preprocessing. One image gives
   images           [1 + r*c, P, patch*patch*3]  global letterboxed view first, then the r x c
                                                  overlapping high-res crops in reading order
   image_masks      [1 + r*c, P]   per-patch fraction of real (non-letterbox) pixels; with the
