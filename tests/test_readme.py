@@ -488,7 +488,7 @@ def test_every_readme_command_has_a_rehearsal():
 def test_readme_extraction():
     """Continuations are joined, comments dropped, the diagram skipped, a gcloud line replaced by its
     remote command; an unknown block is read as commands (and so needs rehearsals)."""
-    text = ("```\nmake demo    # build\n```\n```\nmolmo_jax/    config.py (it's the tree)\n```\n"
+    text = ("```\nmake demo    # build\n```\n```\ntools/    convert.py (it's the tree)\n```\n"
             "```\na --x 1 \\\n    --y \"two words\"\n"
             'gcloud compute tpus tpu-vm ssh pod --worker=all --command \\\n  "cd molmo_jax && b --z /w"\n```\n'
             "```\nsrc/   not a known diagram\n```\n")
