@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from molmo_jax.analysis import hlo_stats
+from molmo_jax.analysis.hlo_parse import parse_hlo, stack_functions
 
 # Functions that only one part of the model calls (innermost stack frame, prefix match). Shared helpers
 # (attend, Dense, ...) take the part of the other operations in the same HLO computation: each layer
@@ -30,47 +31,6 @@ PARTS = (("ViTBlock", "vit"), ("VisionTransformer", "vit"), ("LayerNorm", "vit")
          ("Attention", "llm"), ("MLP", "llm"), ("rope", "llm"), ("attention_mask", "llm"),
          ("positions_from_mask", "llm"), ("sparse_loss", "loss"), ("token_losses", "loss"),
          ("optax", "optimizer"), ("make_train_step", "step"))
-_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
-
-
-def _tables(text: str) -> dict[str, dict[int, str]]:
-    """The FileNames / FunctionNames / FileLocations / StackFrames tables printed after the module."""
-    tables, current = {}, None
-    for line in text.splitlines():
-        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            current = tables.setdefault(line, {})
-        elif current is not None:
-            m = _TABLE_ROW.match(line)
-            if m:
-                current[int(m.group(1))] = m.group(2)
-            elif line.strip():
-                current = None
-    return tables
-
-
-def stack_functions(text: str) -> dict[int, list[str]]:
-    """{stack_frame_id: function names from the outermost call to the innermost}."""
-    t = _tables(text)
-    field = lambda row, key: int(re.search(rf"{key}=(\d+)", row).group(1))  # noqa: E731
-    fn_of_loc = {i: t["FunctionNames"][field(row, "function_name_id")].strip('"')
-                 for i, row in t.get("FileLocations", {}).items()}
-    file_of_loc = {i: t["FileNames"][field(row, "file_name_id")].strip('"')
-                   for i, row in t.get("FileLocations", {}).items()}
-    frames = {i: (field(row, "file_location_id"), field(row, "parent_frame_id"))
-              for i, row in t.get("StackFrames", {}).items()}
-    stacks = {}
-    for frame in frames:
-        names, seen, f = [], set(), frame
-        while f in frames and f not in seen:
-            seen.add(f)
-            loc, parent = frames[f]
-            names.append("optax" if "optax" in file_of_loc[loc] or file_of_loc[loc].endswith("optim.py")
-                         else fn_of_loc[loc])
-            f = parent
-        stacks[frame] = names[::-1]
-    return stacks
-
-
 def _part(functions: list[str]) -> str | None:
     return next((part for f in functions for prefix, part in PARTS if f.startswith(prefix)), None)
 
@@ -78,7 +38,7 @@ def _part(functions: list[str]) -> str | None:
 def op_table(text: str):
     """{instruction name: (where, matmul FLOPs)} for every instruction of the compiled module; where
     is 'part: innermost function', e.g. 'vit: attend', 'llm: MLP.__call__'."""
-    comps, _ = hlo_stats.parse_hlo(text)
+    comps, _ = parse_hlo(text)
     shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
     stacks = stack_functions(text)
 

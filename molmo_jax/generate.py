@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from molmo_jax.layers.attention import KVCache, attention_mask, positions_from_mask
+from molmo_jax.layers.attention import KVCache, Mask, positions_from_mask
 from molmo_jax.sharding import batch_sharding, constrain, use_mesh
 
 CACHE_BUCKET = 64      # cache lengths are rounded up to a multiple of this (bounded recompilation)
@@ -98,7 +98,7 @@ def decode_step(model, blocks, tokens, positions, cache, slots_valid, slot):
     (logits, cache, slots_valid)."""
     slots_valid = slots_valid.at[:, slot].set(True)
     x = model.llm.embed(tokens[:, None])
-    x, cache = _run_blocks(blocks, x, positions[:, None], slots_valid[:, None, None, None, :], cache, slot)
+    x, cache = _run_blocks(blocks, x, positions[:, None], Mask(kv_valid=slots_valid), cache, slot)
     logits = model.llm.logits(model.llm.ln_f(x)[:, 0]).astype(jnp.float32)
     return logits, cache, slots_valid
 
@@ -111,15 +111,13 @@ def prefill(model, blocks, batch, cache_len: int):
     b, t = ids.shape
     valid = ids != -1
     positions = positions_from_mask(valid)
-    # causal over the prompt's slots; the slots after it are empty
-    mask = jnp.pad(attention_mask(valid), ((0, 0),) * 4 + ((0, cache_len - t),))
+    slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)  # the slots after the prompt are empty
     x = model.embed_inputs(ids, batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"))
     l = model.cfg.llm
     empty = [KVCache.empty(b, l.n_kv_heads, cache_len, l.head_dim, x.dtype) for _ in blocks]
-    x, cache = _run_blocks(blocks, x, positions, mask, empty, 0)
+    x, cache = _run_blocks(blocks, x, positions, Mask(causal=True, kv_valid=slots_valid), empty, 0)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     logits = model.llm.logits(model.llm.ln_f(x)[jnp.arange(b), last]).astype(jnp.float32)
-    slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)
     return logits, cache, positions[jnp.arange(b), last], slots_valid
 
 

@@ -175,6 +175,11 @@ def use_mesh(mesh: Mesh, rules: dict | None = None):
         _current.pop()
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh activated by `use_mesh`, or None."""
+    return _current[-1][0] if _current else None
+
+
 def constrain(x, names: Sequence[str | None]):
     """with_sharding_constraint by logical names; identity when no mesh is active."""
     if not _current:

@@ -95,7 +95,8 @@ def test_oversized_program_is_reported_as_not_fitting(reports, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--topology", "cpu-8",
          "--mesh", "fsdp=8", "--config.batch_size=8", "--config.seq_len=64", "--config.data.max_crops=1",
-         "--json", f"--hbm_gib={budget_gib}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--json", f"--hbm_gib={budget_gib}", f"--hlo-out={tmp_path / 'step.hlo'}"], cwd=ROOT, capture_output=True,
+        text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     j = json.loads(out.stdout.strip().splitlines()[-1])
     assert j["fits"] is False
@@ -103,6 +104,16 @@ def test_oversized_program_is_reported_as_not_fitting(reports, tmp_path):
     assert j["peak_bytes_per_device"] == r["peak_bytes_per_device"]
     for key in ("peak_bytes_per_device", "flops_per_device", "model_flops_per_device", "compile_seconds", "mesh"):
         assert key in j
+    # The estimate at the top level (none on simulated CPU devices: no chip to put a roofline on;
+    # test_roofline_takes_the_slowest_of_compute_memory_and_ici covers the TPU case), and where the
+    # HBM bytes go.
+    assert (j["est_step_seconds"], j["est_mfu"], j["bound"]) == (None, None, None) and j["roofline"] == {}
+    categories = j["hbm_bytes_by_category"]
+    assert set(categories) == set(hlo_stats.HBM_CATEGORIES)
+    assert sum(categories.values()) == pytest.approx(j["hbm_traffic_bytes_per_device"])
+    assert categories["attention"] > 0 and categories["matmul"] > 0 and categories["optimizer"] > 0
+    text = (tmp_path / "step.hlo").read_text()
+    assert "ENTRY" in text and hlo_stats.analyse_hlo(text, 8).flops == j["flops_per_device"]
 
 
 def test_sweep_command_ranks_what_fits(reports):
@@ -190,6 +201,29 @@ ENTRY %main (a: bf16[18432,2048], b: bf16[64,2048,256], g: s32[65]) -> bf16[1843
     assert hlo_stats.analyse_hlo(text, 1).flops == 2 * 18432 * 2048 * 256
 
 
+def test_attention_kernel_flops_and_bytes():
+    """A splash attention kernel (TPU custom call; its metadata JSON spans lines): the analytic count
+    over every query and key (forward 4 x queries x keys x head_dim), operands and results read and
+    written once except the dynamic mask blocks (one row of 128-wide blocks), category attention."""
+    text = """HloModule m
+ENTRY %main (q: bf16[2,4,2,2304,128], k: bf16[2,4,2304,128], v: bf16[2,4,2304,128], m: s32[1,2304,2304]) -> bf16[2,4,2,2304,128] {
+  %q = bf16[2,4,2,2304,128]{4,3,2,1,0} parameter(0)
+  %k = bf16[2,4,2304,128]{3,2,1,0} parameter(1)
+  %v = bf16[2,4,2304,128]{3,2,1,0} parameter(2)
+  %m = s32[1,2304,2304]{2,1,0} parameter(3)
+  ROOT %splash_mqa_fwd_no_residuals.3 = bf16[2,4,2,2304,128]{4,3,2,1,0} custom-call(%q, %k, %v, %m), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\"block_q\": 256}"
+}}, metadata={op_name="jit(step)/pallas_call"}
+}
+"""
+    stats = hlo_stats.analyse_hlo(text, 1)
+    queries, keys, d = 2 * 4 * 2 * 2304, 2304, 128
+    assert stats.flops == 4 * queries * keys * d
+    qkvo = 2 * (2 * 4 * 2 * 2304 * 128) * 2 + 2 * (2 * 4 * 2304 * 128) * 2
+    assert stats.hbm_bytes == qkvo + 4 * 2304 * 2304 * 128 / 2304
+    assert stats.hbm_by_category["attention"] == stats.hbm_bytes
+
+
 def test_sweep_grid_and_ranking():
     c = small_config()
     grid = aot.sweep_grid(c, 8, tensors=(1, 2, 4), micro=(1, 2), remats=("full",))
@@ -210,6 +244,8 @@ def test_roofline_takes_the_slowest_of_compute_memory_and_ici():
     roof = aot.roofline(r, chip)
     assert roof["bound"] == "ici" and roof["step_s"] == pytest.approx(3.0)
     assert roof["mfu"] == pytest.approx(0.5)
+    assert aot.estimate_fields(dict(r, roofline=roof)) == dict(est_step_seconds=roof["step_s"], est_mfu=roof["mfu"],
+                                                              bound="ici")
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +260,14 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
     topo = topology.parse_topology("v5e-8")
     devices = topology.topology_devices(topo)
     assert len(devices) == 8 and devices[0].platform == "tpu"
-    r = aot.compile_report(small_config(), topo, dict(fsdp=8), devices=devices)
+    dense = small_config()
+    dense.model.attention = "dense"  # fused kernels compute on sequences padded to 128 (counted as such)
+    r = aot.compile_report(dense, topo, dict(fsdp=8), devices=devices)
     assert r["fits"] and r["device_kind"] == "TPU v5 lite" and r["roofline"]["step_s"] > 0
     assert 0.8 < r["flops_per_device"] / r["model_flops_per_device"] < 1.5  # TPU dots are convolutions
     big = small_config()
     big.batch_size, big.seq_len = 1024, 2048
+    big.model.attention = "dense"  # its [1024, 4, 2048, 2048] scores are what does not fit
     r = aot.compile_report(big, topo, dict(fsdp=8), devices=devices)
     assert not r["fits"] and "RESOURCE_EXHAUSTED" in r["oom_message"]
     assert r["compiler_hbm_bytes"] == pytest.approx(topology.CHIPS["v5e"].hbm_bytes, rel=0.01)

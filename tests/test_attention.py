@@ -25,14 +25,15 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     ks = jax.random.split(jax.random.key(3), 3)
     q = jax.random.normal(ks[0], (2, 6, 4, 8))
     k, v = (jax.random.normal(kk, (2, 6, 2, 8)) for kk in ks[1:])
-    mask = jnp.tril(jnp.ones((6, 6), bool))[None, None, None]
-    out = layers.attend(q, k, v, mask)
+    causal = layers.Mask(causal=True)
+    mask = causal.dense(6, 6)  # [1, 1, 1, 6, 6]
+    out = layers.attend(q, k, v, causal)
     k_rep, v_rep = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
     scores = jnp.einsum("bthd,bshd->bhts", q, k_rep) / np.sqrt(8)
     scores = jnp.where(mask[:, 0], scores, -jnp.inf)
     expected = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v_rep)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda q, k, v: (layers.attend(q, k, v, mask) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda q, k, v: (layers.attend(q, k, v, causal) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(lambda q, k, v: (jnp.einsum(
         "bhts,bshd->bthd", jax.nn.softmax(jnp.where(mask[:, 0], jnp.einsum(
             "bthd,bshd->bhts", q, jnp.repeat(k, 2, 2)) / np.sqrt(8), -jnp.inf), axis=-1),

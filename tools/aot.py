@@ -31,6 +31,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "cpu-8", "v5p-128, v5e-256, 2xv5p-25
 _MESH = flags.DEFINE_string("mesh", None, "mesh axes, e.g. fsdp=-1,tensor=8 (default: the config's mesh)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
 _INFERENCE = flags.DEFINE_bool("inference", False, "also compile the prefill and one decode step")
+_HLO_OUT = flags.DEFINE_string("hlo-out", None, "write the compiled HLO text of the training step to this file")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "per-device memory budget in GiB (default: the chip's usable "
                               "HBM; CPU: host memory / devices)")
 _SWEEP = flags.DEFINE_bool("sweep", False, "compile a grid of meshes x per-device batch x remat and rank it")
@@ -87,6 +88,10 @@ def format_report(r: dict) -> str:
         lines.append(f"FLOPs per device per step: compiled HLO {r['flops_per_device']:.4g} (dots x loop trips), "
                      f"XLA cost analysis {r['xla_cost_flops_per_device']:.4g} (loop bodies once), "
                      f"model (analytic) {r['model_flops_per_device']:.4g}")
+        by_category = r.get("hbm_bytes_by_category") or {}
+        if by_category:
+            lines.append("HBM traffic per step by category (GiB): " + ", ".join(
+                f"{k} {_gib(v)}" for k, v in sorted(by_category.items(), key=lambda kv: -kv[1]) if v))
         lines.append("collectives per step       count        GiB   GiB sent (ring)")
         for kind, c in r["collectives"].items():
             lines.append(f"  {kind:<22}{c['count']:>8.0f} {_gib(c['bytes']):>10} {_gib(c['link_bytes']):>10}")
@@ -405,7 +410,12 @@ def main(argv):
         mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
         hbm = _HBM_GIB.value * 2 ** 30 if _HBM_GIB.value else None
         if not _SWEEP.value:
-            report = aot.compile_report(config, topo, mesh, hbm_bytes=hbm, inference=_INFERENCE.value)
+            report = aot.compile_report(config, topo, mesh, hbm_bytes=hbm, inference=_INFERENCE.value,
+                                        keep_hlo=bool(_HLO_OUT.value))
+            if _HLO_OUT.value:
+                with open(_HLO_OUT.value, "w") as f:
+                    f.write(report.pop("hlo_text"))
+            report.update(aot.estimate_fields(report))
             print(json.dumps(report, default=float) if _JSON.value else format_report(report))
             return 0
         devices = aot.topology_devices(topo)

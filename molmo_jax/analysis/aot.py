@@ -46,7 +46,7 @@ def abstract_batch(config, mesh) -> dict:
     ph, pw = config_lib.patches_per_side(cfg)
     pixels = cfg.vit.patch_size ** 2 * 3
     shapes = dict(input_ids=((b, t), jnp.int32), target_tokens=((b, t), jnp.int32),
-                  position_ids=((b, t), jnp.int32), loss_masks=((b, t), jnp.float32),
+                  position_ids=((b, t), jnp.int32), subsegment_ids=((b, t), jnp.int32), loss_masks=((b, t), jnp.float32),
                   images=((b, c, ph * pw, pixels), jnp.float32), image_masks=((b, c, ph * pw), jnp.float32),
                   image_input_idx=((b, c, config_lib.tokens_per_crop(cfg)), jnp.int32))
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s), b))
@@ -119,6 +119,13 @@ def roofline(report: dict, chip: Chip | None) -> dict:
                 bound=bound, mfu=report["model_flops_per_device"] / (step * chip.peak_flops))
 
 
+def estimate_fields(r: dict) -> dict:
+    """The roofline estimate at the top level of a report (tools.aot --json): est_step_seconds,
+    est_mfu, bound; None where there is no chip to estimate for (cpu-N) or nothing was compiled."""
+    roof = r.get("roofline") or {}
+    return dict(est_step_seconds=roof.get("step_s"), est_mfu=roof.get("mfu"), bound=roof.get("bound"))
+
+
 def measure(lowered, n_devices: int, fixed_bytes: int, budget: float) -> dict:
     """Compile a lowered program and read memory, FLOPs and collectives per device."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -153,8 +160,8 @@ def program_key(lowered, topo: Topology, layout, budget: float, fixed_bytes: int
 def hlo_fields(hlo_text: str, n_devices: int) -> dict:
     stats = analyse_hlo(hlo_text, n_devices)
     return dict(flops_per_device=stats.flops, hbm_traffic_bytes_per_device=stats.hbm_bytes,
-                ici_bytes_per_device=stats.link_bytes, collectives=stats.collectives,
-                unknown_trip_counts=stats.unknown_trip_counts)
+                hbm_bytes_by_category=stats.hbm_by_category, ici_bytes_per_device=stats.link_bytes,
+                collectives=stats.collectives, unknown_trip_counts=stats.unknown_trip_counts)
 
 
 def compile_report(config, topo: Topology, mesh_spec: dict | None = None, devices=None,
@@ -288,7 +295,8 @@ def inference_reports(config, setup, mesh, params, batch, budget: float, topo: T
         return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
 
     kv = (b, cfg.llm.n_kv_heads, cache_len, cfg.llm.head_dim)
-    cache = [tuple(sds(kv, jnp.dtype(cfg.dtype), generate.CACHE_AXES) for _ in range(2)) for _ in range(n_layers)]
+    cache = [generate.KVCache(*(sds(kv, jnp.dtype(cfg.dtype), generate.CACHE_AXES) for _ in range(2)))
+             for _ in range(n_layers)]
     step_args = (sds((b,), jnp.int32, ("batch",)), sds((b,), jnp.int32, ("batch",)), cache,
                  sds((b, cache_len), jnp.bool_, ("batch", None)))
     prompt = {k: v for k, v in batch.items() if k in ("input_ids", "images", "image_masks", "image_input_idx")}

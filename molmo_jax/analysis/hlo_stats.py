@@ -4,9 +4,16 @@ XLA's `cost_analysis()` counts each while-loop body once; here every computation
 often it runs (the trip counts of enclosing loops multiply), which matters because the layer stacks
 and gradient accumulation are `lax.scan`s. Counted:
   flops        2 x multiply-adds of dot / ragged-dot / convolution and of the TPU grouped-matmul
-               kernels (custom calls named ragged-dot*); elementwise work is ignored
-  hbm_bytes    bytes read and written by the top-level instructions (a fusion reads its operands
-               and writes its result once; dynamic slices of stacked weights count the slice)
+               kernels (custom calls named ragged-dot*); attention kernels (custom calls named
+               splash_*) by the analytic count over every query and key, i.e. as if no block were
+               masked (forward 4, dq 6, dkv 8 x queries x keys x head_dim); elementwise work is ignored
+  hbm_bytes    bytes read and written by the top-level instructions and collectives (a fusion reads its operands
+               and writes its result once; dynamic slices of stacked weights count the slice; a
+               kernel reads its operands and writes its results once, except an attention kernel's
+               dynamic mask, of which only one row of blocks (the partially masked ones along the
+               diagonal) is counted), split by category in `hbm_by_category`: attention, matmul
+               (operands and results of dots and of fusions holding one), elementwise, optimizer,
+               collectives (their input and output buffers), other
   collectives  per kind: executions, result bytes, and bytes sent per device under the ring model
                (all-gather (n-1)/n R, reduce-scatter (n-1) R, all-reduce 2 (n-1)/n R,
                all-to-all (n-1)/n R, collective-permute R; R = result bytes, n = group size)
@@ -14,20 +21,15 @@ A loop whose trip count cannot be read is counted once and reported in `unknown_
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import re
 
 import numpy as np
 
-_ITEMSIZE = dict(pred=1, s4=0.5, u4=0.5, s8=1, u8=1, f8e4m3fn=1, f8e5m2=1, s16=2, u16=2, f16=2, bf16=2,
-                 s32=4, u32=4, f32=4, s64=8, u64=8, f64=8, c64=8, c128=16)
-_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_REFS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
-                   r"(\{[^}]*\}|%?[\w.\-]+)")
+from molmo_jax.analysis.hlo_parse import (Instr, arrays, callees, multiplicities, nbytes, parse_hlo, split_tuple,
+                                          stack_functions)
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _RING = {"all-gather": lambda n: (n - 1) / n, "reduce-scatter": lambda n: n - 1,
          "all-reduce": lambda n: 2 * (n - 1) / n, "all-to-all": lambda n: (n - 1) / n,
@@ -38,15 +40,9 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
                "async-update", "copy-start", "copy-done", "opt-barrier", "add-dependency"}
 
 
-@dataclasses.dataclass
-class Instr:
-    name: str
-    shape: str
-    opcode: str
-    args: str          # the text inside the opcode's parentheses
-    operands: list
-    attrs: str         # everything after the closing parenthesis
-    root: bool
+HBM_CATEGORIES = ("attention", "matmul", "elementwise", "optimizer", "collectives", "other")
+# Source functions whose operations are attention / optimizer work (innermost frames first).
+_ATTENTION_FUNCTIONS = ("attend", "softmax", "_softmax_jvp", "splash", "_splash_local", "cudnn")
 
 
 @dataclasses.dataclass
@@ -56,126 +52,7 @@ class HloStats:
     link_bytes: float
     collectives: dict
     unknown_trip_counts: int
-
-
-def arrays(shape: str) -> list:
-    return [(d, [int(x) for x in dims.split(",") if x]) for d, dims in _ARRAY.findall(shape) if d in _ITEMSIZE]
-
-
-def nbytes(shape: str) -> float:
-    return float(sum(_ITEMSIZE[d] * math.prod(dims) for d, dims in arrays(shape)))
-
-
-def _matching(text: str, start: int) -> int:
-    """Index of the bracket closing the one at `start`."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += text[i] in "([{"
-        depth -= text[i] in ")]}"
-        if depth == 0:
-            return i
-    return len(text) - 1
-
-
-def split_tuple(shape: str) -> list:
-    """Top-level elements of a tuple shape "(a, (b, c), d)"; [shape] for an array shape."""
-    if not shape.startswith("("):
-        return [shape]
-    parts, depth, start = [], 0, 1
-    for i, ch in enumerate(shape):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if (ch == "," and depth == 1) or depth == 0:
-            parts.append(shape[start:i].strip())
-            start = i + 1
-        if depth == 0:
-            break
-    return [p for p in parts if p]
-
-
-def parse_instr(line: str) -> Instr | None:
-    m = _INSTR.match(line)
-    if not m:
-        return None
-    rest = m.group(3)
-    if rest.startswith("("):
-        end = _matching(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-        return None
-    close = _matching(rest, op.end() - 1)
-    args = rest[op.end():close]
-    return Instr(m.group(2), shape, op.group(1), args, re.findall(r"%([\w.\-]+)", args),
-                 rest[close + 1:], bool(m.group(1)))
-
-
-def parse_hlo(text: str):
-    """({computation name: [Instr]}, entry computation name)."""
-    comps, entry, current = {}, None, None
-    for line in text.splitlines():
-        h = _HEADER.match(line)
-        if h:
-            current = comps.setdefault(h.group(2), [])
-            entry = h.group(2) if h.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            ins = parse_instr(line)
-            if ins:
-                current.append(ins)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return comps, entry
-
-
-def trip_count(ins: Instr, comps) -> int | None:
-    """Iterations of a while loop: XLA's known_trip_count, else the `i < N` of its condition."""
-    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-    if m:
-        return int(m.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
-    body = comps.get(cond.group(1), []) if cond else []
-    consts = {i.name: int(i.args) for i in body if i.opcode == "constant" and re.fullmatch(r"-?\d+", i.args)}
-    for i in body:  # lax.scan / fori_loop count from 0 while i < N
-        if i.root and i.opcode == "compare" and "direction=LT" in i.attrs and len(i.operands) == 2:
-            if i.operands[1] in consts:
-                return consts[i.operands[1]]
-    return None
-
-
-def _callees(ins: Instr):
-    for _, target in _REFS.findall(ins.attrs):
-        yield from re.findall(r"[\w.\-]+", target.lstrip("%")) if target.startswith("{") else [target.lstrip("%")]
-
-
-def multiplicities(comps, entry):
-    """How many times each computation runs per execution of the entry, and the number of loops
-    whose trip count was unknown. Computations form a DAG; weights are summed over callers."""
-    edges, unknown = collections.defaultdict(list), 0
-    for name, instrs in comps.items():
-        for ins in instrs:
-            factor = 1
-            if ins.opcode == "while":
-                n = trip_count(ins, comps)
-                unknown += n is None
-                factor = n or 1
-            for callee in _callees(ins):
-                if callee in comps:
-                    edges[name].append((callee, factor))
-    indegree = collections.Counter(c for outs in edges.values() for c, _ in outs)
-    mult = collections.defaultdict(float, {entry: 1.0})
-    ready = [c for c in comps if indegree[c] == 0]
-    while ready:
-        name = ready.pop()
-        for callee, factor in edges[name]:
-            mult[callee] += mult[name] * factor
-            indegree[callee] -= 1
-            if indegree[callee] == 0:
-                ready.append(callee)
-    return mult, unknown
+    hbm_by_category: dict = dataclasses.field(default_factory=dict)
 
 
 def _dims(attrs: str, key: str) -> list:
@@ -235,6 +112,58 @@ def ragged_kernel_flops(ins: Instr, shapes: dict) -> float:
     return 0.0
 
 
+def _splash_shapes(ins: Instr, shapes: dict):
+    """(queries x head_dim array dims, keys) of a splash attention kernel: its first floating operand
+    is q [..., T, d], its second k [..., S, d]."""
+    floats = [a[0][1] for a in (arrays(shapes.get(o, "")) for o in ins.operands)
+              if len(a) == 1 and a[0][0] in ("f32", "bf16", "f16") and len(a[0][1]) >= 2]
+    return (floats[0], floats[1][-2]) if len(floats) >= 2 else (None, None)
+
+
+SPLASH_FACTORS = (("dkv", 8.0), ("dq", 6.0), ("fwd", 4.0))
+
+
+def splash_flops(ins: Instr, shapes: dict) -> float:
+    q, s = _splash_shapes(ins, shapes)
+    if q is None:
+        return 0.0
+    factor = next((f for kind, f in SPLASH_FACTORS if f"_{kind}" in ins.name), 4.0)
+    return factor * math.prod(q[:-1]) * s * q[-1]
+
+
+def _is_splash(ins: Instr) -> bool:
+    return ins.opcode == "custom-call" and ins.name.startswith("splash_")
+
+
+def _splash_traffic(ins: Instr, shapes: dict) -> float:
+    """Operands and results, the dynamic mask blocks ([heads, T, S] integers) as one row of blocks."""
+    total = nbytes(ins.shape)
+    for o in ins.operands:
+        a = arrays(shapes.get(o, ""))
+        if len(a) == 1 and a[0][0] in ("s32", "s8", "pred") and len(a[0][1]) == 3 and min(a[0][1][1:]) >= 128:
+            total += nbytes(shapes[o]) * 128 / a[0][1][-1]
+        else:
+            total += nbytes(shapes.get(o, ""))
+    return total
+
+
+def _holds_dot(ins: Instr, comps) -> bool:
+    if ins.opcode in ("dot", "convolution", "ragged-dot"):
+        return True
+    body = comps.get(next(iter(callees(ins)), ""), []) if ins.opcode == "fusion" else []
+    return any(i.opcode in ("dot", "convolution") for i in body)
+
+
+def _category(ins: Instr, functions: list, comps) -> str:
+    if _is_splash(ins) or any(f.split(".")[0] in _ATTENTION_FUNCTIONS for f in functions[-3:]):
+        return "attention"
+    if "optax" in functions:
+        return "optimizer"
+    if _holds_dot(ins, comps):
+        return "matmul"
+    return "elementwise" if ins.opcode == "fusion" else "other"
+
+
 def _group_size(attrs: str, n_devices: int) -> int:
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
     if m:
@@ -285,7 +214,7 @@ def _read_bytes(comp, param_index: int, shapes: dict) -> float:
 
 def _written_bytes(ins: Instr, comps, shapes: dict) -> float:
     """Bytes an instruction writes: in-place dynamic-update-slices write only their update."""
-    target = comps.get(next(iter(_callees(ins)), ""), None) if ins.opcode == "fusion" else None
+    target = comps.get(next(iter(callees(ins)), ""), None) if ins.opcode == "fusion" else None
     body = target if target is not None else [ins]
     local = {i.name: i.shape for i in body} | shapes
     root = next((i for i in body if i.root), ins)
@@ -303,9 +232,11 @@ def analyse_hlo(text: str, n_devices: int) -> HloStats:
     comps, entry = parse_hlo(text)
     mult, unknown = multiplicities(comps, entry)
     # Fusion bodies and reducers run inside their caller: only the caller's traffic counts.
-    fused = {c for instrs in comps.values() for i in instrs if i.opcode == "fusion" for c in _callees(i)}
+    fused = {c for instrs in comps.values() for i in instrs if i.opcode == "fusion" for c in callees(i)}
     fused |= {c for instrs in comps.values() for i in instrs for c in re.findall(r"to_apply=%?([\w.\-]+)", i.attrs)}
+    stacks = stack_functions(text)
     flops = hbm = link = 0.0
+    by_category = dict.fromkeys(HBM_CATEGORIES, 0.0)
     coll = {k: dict(count=0.0, bytes=0.0, link_bytes=0.0) for k in COLLECTIVES}
     for name, instrs in comps.items():
         weight = mult.get(name, 0.0)
@@ -319,6 +250,8 @@ def analyse_hlo(text: str, n_devices: int) -> HloStats:
                 flops += weight * conv_flops(ins, shapes)
             elif ins.opcode == "custom-call" and ins.name.startswith("ragged-dot") and "metadata" not in ins.name:
                 flops += weight * ragged_kernel_flops(ins, shapes)
+            elif _is_splash(ins):
+                flops += weight * splash_flops(ins, shapes)
             c = _collective(ins)
             if c:
                 kind, size = c
@@ -327,9 +260,14 @@ def analyse_hlo(text: str, n_devices: int) -> HloStats:
                 coll[kind]["bytes"] += weight * size
                 coll[kind]["link_bytes"] += weight * sent
                 link += weight * sent
+                hbm += weight * 2 * size  # the buffer read and the one written
+                by_category["collectives"] += weight * 2 * size
             elif name not in fused and ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
-                hbm += weight * _traffic(ins, comps, shapes)
-    return HloStats(flops, hbm, link, {k: v for k, v in coll.items() if v["count"]}, unknown)
+                moved = weight * (_splash_traffic(ins, shapes) if _is_splash(ins) else _traffic(ins, comps, shapes))
+                hbm += moved
+                frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
+                by_category[_category(ins, stacks.get(int(frame.group(1)), []) if frame else [], comps)] += moved
+    return HloStats(flops, hbm, link, {k: v for k, v in coll.items() if v["count"]}, unknown, by_category)
 
 
 def _traffic(ins: Instr, comps, shapes: dict) -> float:
@@ -339,7 +277,7 @@ def _traffic(ins: Instr, comps, shapes: dict) -> float:
         return 2 * nbytes(shapes.get(ins.operands[1], ""))
     written = _written_bytes(ins, comps, shapes)
     if ins.opcode == "fusion":
-        body = comps.get(next(iter(_callees(ins)), ""), [])
+        body = comps.get(next(iter(callees(ins)), ""), [])
         body_shapes = {i.name: i.shape for i in body}
         return written + sum(_read_bytes(body, k, body_shapes) for k in range(len(ins.operands)))
     return written + sum(nbytes(shapes.get(o, "")) for o in ins.operands)

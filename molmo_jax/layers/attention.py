@@ -4,9 +4,15 @@ One attention serves training, prefill and decode. Without a cache, `Attention` 
 keys of its own input; with a `KVCache` it writes its keys and values into the cache at
 `cache_index` and attends over every slot of the cache (the caller's mask says which slots are
 valid). The cache layout is [batch, kv_heads, slots, head_dim], which a decode step reads in place.
+
+Masks are kept as structure (`Mask`: causal or not, valid keys, subsegments), so that the core can
+either build the boolean [T, S] mask and run the dense softmax (`impl` "dense", what CPUs run
+fastest) or hand the structure to a fused kernel that never writes T x T scores to memory ("fused":
+`layers.fused_attention`, splash attention on TPU, cuDNN on GPU; "auto" picks by platform).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -55,13 +61,53 @@ _SCORES = {"bshd": "btkgd,bskd->bkgts", "bhsd": "btkgd,bksd->bkgts"}
 _MIX = {"bshd": "bkgts,bskd->btkgd", "bhsd": "bkgts,bksd->btkgd"}
 
 
-def attend(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None, kv_layout: str = "bshd"):
+IMPLEMENTATIONS = ("dense", "fused", "auto")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys each query may see: key index <= query index when `causal`; only keys whose
+    `kv_valid` [B, S] is True; and, for packed conversations (`segments` [B, T], queries and keys
+    being the same sequence), query q sees key k only if segments[q] <= segments[k]
+    (docs/architecture.md#packing). None everywhere = every key."""
+    causal: bool = False
+    kv_valid: jax.Array | None = None
+    segments: jax.Array | None = None
+
+    def dense(self, t: int, s: int):
+        """The boolean mask, [B, 1, 1, T, S] (broadcast over kv heads and groups), or None."""
+        if not self.causal and self.kv_valid is None and self.segments is None:
+            return None
+        mask = jnp.tril(jnp.ones((t, s), dtype=bool))[None] if self.causal else jnp.ones((1, t, s), bool)
+        if self.kv_valid is not None:
+            mask = mask & self.kv_valid[:, None, :]
+        if self.segments is not None:
+            mask = mask & (self.segments[:, :, None] <= self.segments[:, None, :])
+        return mask[:, None, None]
+
+
+def attend(q, k, v, mask: Mask | None = None, dropout_rate: float = 0.0, dropout_rng=None,
+           kv_layout: str = "bshd", impl: str = "dense"):
     """Multi-head attention core with grouped-query heads, softmax in float32.
 
-    q: [B, T, Hq, hd]; k, v: [B, S, Hkv, hd] (or [B, Hkv, S, hd] with kv_layout "bhsd"); mask: bool,
-    broadcastable to [B, 1, 1, T, S] (True = may attend). Query head h reads kv head h // (Hq / Hkv),
-    the original's repeat_interleave, done by reshaping instead of copying K/V.
+    q: [B, T, Hq, hd]; k, v: [B, S, Hkv, hd] (or [B, Hkv, S, hd] with kv_layout "bhsd"); mask: which
+    keys each query may see. Query head h reads kv head h // (Hq / Hkv), the original's
+    repeat_interleave, done by reshaping instead of copying K/V. `impl` (IMPLEMENTATIONS): "fused"
+    runs a kernel that keeps the scores on chip (no dropout there); "auto" is fused on TPU and GPU.
     """
+    if check_impl(impl) != "dense" and kv_layout == "bshd" and not (dropout_rate > 0.0 and dropout_rng is not None):
+        from molmo_jax.layers import fused_attention
+
+        kernel = fused_attention.kernel_for(impl, q.dtype)
+        if kernel is not None:
+            return kernel(q, k, v, mask or Mask())
+    mask = mask.dense(q.shape[1], k.shape[1] if kv_layout == "bshd" else k.shape[2]) if mask is not None else None
     b, t, hq, hd = q.shape
     hkv = k.shape[2] if kv_layout == "bshd" else k.shape[1]
     q = q.reshape(b, t, hkv, hq // hkv, hd)
@@ -85,15 +131,10 @@ def positions_from_mask(valid):
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_mask(valid, subsegment_ids=None):
-    """Boolean [B, 1, 1, T, T] (broadcast over kv heads and groups): causal, no padded keys, and,
-    for packed examples, query q sees key k only if subsegment[q] <= subsegment[k]."""
-    t = valid.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    mask = causal[None] & valid[:, None, :]
-    if subsegment_ids is not None:
-        mask = mask & (subsegment_ids[:, :, None] <= subsegment_ids[:, None, :])
-    return mask[:, None, None]
+def attention_mask(valid, subsegment_ids=None) -> Mask:
+    """The decoder's mask over a sequence: causal, no padded keys, and, for packed examples, query q
+    sees key k only if subsegment[q] <= subsegment[k]."""
+    return Mask(causal=True, kv_valid=valid, segments=subsegment_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +161,7 @@ class Attention(nnx.Module):
     """Grouped-query self-attention of a decoder: q/k/v projections with a heads axis, optional
     clipping and qk-norm (over the whole projected width, before the head split), rotate-half RoPE."""
 
-    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack):
+    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack, impl: str = "auto"):
         d, hq, hkv, hd = lcfg.d_model, lcfg.n_heads, lcfg.n_kv_heads, lcfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
         self.wq = Dense(d, (hq, hd), ("embed",), ("heads", "head_dim"), use_bias=lcfg.qkv_bias, **kw)
@@ -136,10 +177,11 @@ class Attention(nnx.Module):
         self.clip_qkv = lcfg.clip_qkv
         self.theta = lcfg.rope_theta
         self.dropout = lcfg.attention_dropout
+        self.impl = check_impl(impl)
 
     def __call__(self, x, positions, mask, cache: KVCache | None = None, cache_index=None, dropout_rng=None):
-        """x [B, T, d], positions [B, T]. Without a cache, mask is [B, 1, 1, T, T]; with one, the new
-        keys/values go to slots cache_index..+T-1 and mask [B, 1, 1, T, slots] selects what is read.
+        """x [B, T, d], positions [B, T], mask a `Mask` over the T keys, or with a cache over its slots
+        (the new keys/values go to slots cache_index..cache_index+T-1).
         Returns (output [B, T, d], the updated cache or None)."""
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clip_qkv:
@@ -150,7 +192,7 @@ class Attention(nnx.Module):
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         rate = self.dropout if dropout_rng is not None else 0.0
         if cache is None:
-            out = attend(q, k, v, mask, rate, dropout_rng)
+            out = attend(q, k, v, mask, rate, dropout_rng, impl=self.impl)
         else:
             cache = cache.write(k, v, cache_index)
             out = attend(q, cache.k, cache.v, mask, rate, dropout_rng, kv_layout="bhsd")

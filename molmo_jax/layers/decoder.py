@@ -21,12 +21,12 @@ from molmo_jax.sharding import constrain
 
 
 class Block(nnx.Module):
-    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack):
+    def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack, attention="auto"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
         self.norm_after = lcfg.norm_after
         self.attn_norm = RMSNorm(lcfg.d_model, lcfg.norm_eps, param_dtype=param_dtype, stack=stack)
         self.ff_norm = RMSNorm(lcfg.d_model, lcfg.norm_eps, param_dtype=param_dtype, stack=stack)
-        self.attn = Attention(lcfg, **kw)
+        self.attn = Attention(lcfg, impl=attention, **kw)
         self.ffn = MoE(lcfg, **kw) if lcfg.moe_num_experts else MLP(lcfg, **kw)
 
     def __call__(self, x, positions, mask, drop_rates=None, rng=None, cache=None, cache_index=None):
@@ -60,7 +60,8 @@ class Decoder(nnx.Module):
         self.new_embedding = (param(rngs, (l.additional_vocab_size, l.d_model), (None, "embed"), pdt,
                                     std=embedding_std())
                               if l.additional_vocab_size else None)
-        self.blocks = Block(l, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=l.n_layers)
+        self.blocks = Block(l, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=l.n_layers,
+                            attention=cfg.get("attention", "auto"))
         self.ln_f = RMSNorm(l.d_model, l.norm_eps, param_dtype=pdt)
         self.ff_out = Dense(l.d_model, l.embedding_size, ("embed",), ("vocab",), dtype=dtype,
                             param_dtype=pdt, rngs=rngs)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from molmo_jax import config as config_lib
-from molmo_jax.layers.attention import attend
+from molmo_jax.layers.attention import attend, check_impl
 from molmo_jax.layers.core import ACTIVATIONS, Dense, embedding_std, param, residual_out_std
 from molmo_jax.layers.norms import LayerNorm
 from molmo_jax.layers.scan import scan_layers
@@ -19,7 +19,7 @@ from molmo_jax.sharding import constrain
 
 
 class ViTBlock(nnx.Module):
-    def __init__(self, vcfg, *, dtype, param_dtype, rngs, stack=0):
+    def __init__(self, vcfg, *, dtype, param_dtype, rngs, stack=0, attention="auto"):
         d, h, hd, m = vcfg.width, vcfg.n_heads, vcfg.head_dim, vcfg.mlp_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack, use_bias=True)
         self.attention_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
@@ -32,10 +32,11 @@ class ViTBlock(nnx.Module):
         self.w1 = Dense(d, m, ("vit_embed",), ("vit_mlp",), **kw)
         self.w2 = Dense(m, d, ("vit_mlp",), ("vit_embed",), std=residual_out_std(m, vcfg.n_layers), **kw)
         self.act = ACTIVATIONS[vcfg.activation]
+        self.attention = check_impl(attention)
 
     def __call__(self, x):
         y = self.attention_norm(x)
-        x = x + self.wo(attend(self.wq(y), self.wk(y), self.wv(y)))
+        x = x + self.wo(attend(self.wq(y), self.wk(y), self.wv(y), impl=self.attention))
         return x + self.w2(self.act(self.w1(self.ffn_norm(x))))
 
 
@@ -52,7 +53,8 @@ class VisionTransformer(nnx.Module):
         self.positional_embedding = param(rngs, (1 + ph * pw, v.width), ("vit_pos", "vit_embed"), pdt,
                                           std=embedding_std())
         self.pre_ln = LayerNorm(v.width, v.norm_eps, param_dtype=pdt)
-        self.blocks = ViTBlock(v, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=v.n_layers)
+        self.blocks = ViTBlock(v, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=v.n_layers,
+                               attention=cfg.get("attention", "auto"))
         self.dtype = jnp.dtype(dtype)
 
     def embed(self, patches):

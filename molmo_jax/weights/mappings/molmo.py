@@ -116,7 +116,7 @@ def config_from_released(d: dict, name: str = "imported"):
 
 
 EXTRA = "molmo_jax"
-TOP_LEVEL = ("name", "family", "dtype", "param_dtype", "remat", "scan_unroll")
+TOP_LEVEL = ("name", "family", "dtype", "param_dtype", "remat", "scan_unroll", "attention")
 
 
 def _jsonable(d: dict) -> dict:
