@@ -6,6 +6,7 @@ import ml_collections
 
 from molmo_jax import config as model_configs
 from molmo_jax import optim
+from molmo_jax.layers import lora
 
 
 def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -20,6 +21,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.seq_len = 2304
     c.max_loss_tokens = 0         # per micro-batch; 0 = every position (no cap)
     c.optimizer = optim.optimizer_config()
+    c.lora = lora.lora_config()   # low-rank adapters: lora.rank > 0 trains them alone on init_from's weights
     c.log_every = 10
     c.checkpoint_every = 500
     c.keep_checkpoints = 3        # keep the last N ...

@@ -46,6 +46,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vit_feature": "fsdp",
     "vit_pos": None,
     "patch": None,
+    "lora_rank": None,
     # activations
     "batch": BATCH,
     "seq": None,

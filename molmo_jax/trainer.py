@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+import ml_collections
+from flax import nnx, traverse_util
 
 from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import losses
+from molmo_jax.layers import lora
 from molmo_jax import models as model_lib
 from molmo_jax import optim
 from molmo_jax import sharding
@@ -70,27 +72,50 @@ def like_params(tree, param_shardings, default):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def trainable_split(config):
+    """(split, join): `split(params) -> (trainable, fixed)` and its inverse, as pure dicts. With
+    adapters (config.lora.rank > 0) only the adapters train and the base is fixed; otherwise every
+    parameter is in `trainable` (frozen groups get zero updates from the optimizer instead)."""
+    if not lora.enabled(config.model):
+        return (lambda params: (params, {})), (lambda trainable, fixed: trainable)
+
+    def split(params):
+        flat = traverse_util.flatten_dict(params)
+        return (traverse_util.unflatten_dict({p: v for p, v in flat.items() if lora.is_adapter(p)}),
+                traverse_util.unflatten_dict({p: v for p, v in flat.items() if not lora.is_adapter(p)}))
+
+    def join(trainable, fixed):
+        return traverse_util.unflatten_dict(traverse_util.flatten_dict(fixed) | traverse_util.flatten_dict(trainable))
+    return split, join
+
+
 def make_train_step(config, graphdef, abstract, tx, schedules, labels):
     """The jitted step: micro-batch gradient accumulation, the global-weight-normalised loss,
-    per-group clipping (inside tx), and skipping of non-finite updates."""
+    per-group clipping (inside tx), and skipping of non-finite updates. Gradients, optimizer state
+    and updates cover the trainable parameters only (see `trainable_split`)."""
     model_cfg = config.model
+    split, join = trainable_split(config)
     accum = config.grad_accum_steps
     frozen = jax.tree.map(lambda l: l == "frozen", labels)
+    if lora.enabled(model_cfg):  # the base is fixed; every adapter trains
+        frozen = {}
     use_dropout = (any(model_cfg.llm[k] > 0 for k in ("residual_dropout", "response_residual_dropout",
                                                         "attention_dropout"))
                    or model_cfg.connector.image_feature_dropout > 0)
 
     def merge(params):
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        if frozen:
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         state = jax.tree.map(lambda x: x, abstract)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(graphdef, state)
 
-    def micro_loss(params, mb, key, normalizer):
-        return losses.training_loss(merge(params), mb, max_loss_tokens=config.max_loss_tokens, normalizer=normalizer,
-                                    dropout_rng=key if use_dropout else None)
+    def micro_loss(trainable, fixed, mb, key, normalizer):
+        return losses.training_loss(merge(join(trainable, fixed)), mb, max_loss_tokens=config.max_loss_tokens,
+                                    normalizer=normalizer, dropout_rng=key if use_dropout else None)
 
-    def step(params, opt_state, batch, step_no):
+    def step(all_params, opt_state, batch, step_no):
+        params, fixed = split(all_params)
         key = jax.random.fold_in(jax.random.key(config.seed), step_no)
         weights = jnp.where(batch["target_tokens"] < 0, 0.0, jnp.maximum(batch["loss_masks"], 0.0))
         normalizer = jnp.sum(weights)  # the global batch's weight, shared by micro-batches
@@ -99,7 +124,7 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
 
         def body(acc, inputs):
             mb, i = inputs
-            (_, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, i), normalizer)
+            (_, aux), grads = grad_fn(params, fixed, mb, jax.random.fold_in(key, i), normalizer)
             grads_acc, aux_acc = acc
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
 
@@ -119,7 +144,7 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
         for name, n in norms.items():
             metrics[f"grad_norm/{name}"] = n
             metrics[f"lr/{name}"] = schedules[name](count)
-        return keep(new_params, params), keep(new_opt, opt_state), metrics
+        return join(keep(new_params, params), fixed), keep(new_opt, opt_state), metrics
 
     return step
 
@@ -137,6 +162,7 @@ class StepSetup:
     schedules: dict
     labels: dict
     step: object                # the jitted step (params, opt_state, batch, step_no)
+    split: object               # params -> (trainable, fixed), see trainable_split
 
     def abstract_params(self):
         shapes = nnx.to_pure_dict(self.abstract)
@@ -144,25 +170,36 @@ class StepSetup:
                             self.param_shardings)
 
     def abstract_opt_state(self):
-        shapes = jax.eval_shape(self.tx.init, nnx.to_pure_dict(self.abstract))
+        shapes = jax.eval_shape(self.tx.init, self.split(nnx.to_pure_dict(self.abstract))[0])
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                             self.opt_shardings)
 
 
+def with_adapters(config):
+    """`config` whose model carries the training config's `lora` section when adapters are on."""
+    if config.get("lora") is not None and config.lora.rank and not lora.enabled(config.model):
+        with config.unlocked():
+            config.model.lora = ml_collections.ConfigDict(config.lora.to_dict())
+            config.model.lora.base = config.model.lora.base or config.init_from
+    return config
+
+
 def build_step(config, mesh) -> StepSetup:
+    config = with_adapters(config)
     graphdef, abstract = nnx.split(model_lib.abstract_model(config.model))
     param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
-    shapes = nnx.to_pure_dict(abstract)
+    trainable, _ = trainable_split(config)[0](nnx.to_pure_dict(abstract))
     make_tx, schedules = optim.make_optimizer(config.optimizer, config.total_steps)
-    labels = optim.group_labels(shapes, config.optimizer)
-    tx = make_tx(shapes)
+    labels = optim.group_labels(trainable, config.optimizer)
+    tx = make_tx(trainable)
     # Optimizer moments are sharded like their parameters; counters are replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = like_params(jax.eval_shape(tx.init, shapes), param_sh, replicated)
+    opt_sh = like_params(jax.eval_shape(tx.init, trainable), param_sh, replicated)
     step_fn = make_train_step(config, graphdef, abstract, tx, schedules, labels)
     # Pinned output shardings: without them XLA may pick other layouts for the updated state.
     step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
-    return StepSetup(graphdef, abstract, param_sh, opt_sh, replicated, tx, schedules, labels, step)
+    return StepSetup(graphdef, abstract, param_sh, opt_sh, replicated, tx, schedules, labels, step,
+                     trainable_split(config)[0])
 
 
 class Trainer:
@@ -177,7 +214,8 @@ class Trainer:
         self.param_shardings = self.setup.param_shardings
         self.params = init_params(config.model, self.mesh, config.seed, self.param_shardings)
         with sharding.use_mesh(self.mesh):
-            self.opt_state = jax.jit(self.setup.tx.init, out_shardings=self.setup.opt_shardings)(self.params)
+            self.opt_state = jax.jit(self.setup.tx.init, out_shardings=self.setup.opt_shardings)(
+                self.setup.split(self.params)[0])
         self._step = self.setup.step
         self.step = 0
         self.data_state = None
@@ -199,8 +237,10 @@ class Trainer:
             return  # already saved (a periodic save at the step where training ended)
         meta = dict(step=self.step, data_state=self.data_state, bad_total=self.bad_total,
                     bad_in_row=self.bad_in_row)
+        # With adapters the checkpoint holds them alone; the model config names the base they sit on.
         self.manager.save(self.step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
+            params=ocp.args.StandardSave(self.setup.split(self.params)[0]),
+            opt_state=ocp.args.StandardSave(self.opt_state),
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore_latest(self) -> bool:
@@ -208,11 +248,13 @@ class Trainer:
         if step is None:
             return False
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        trainable, fixed = self.setup.split(self.params)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(self.params)),
+            params=ocp.args.StandardRestore(abstract(trainable)),
             opt_state=ocp.args.StandardRestore(abstract(self.opt_state)),
             meta=ocp.args.JsonRestore()))
-        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        self.params = trainable_split(self.config)[1](restored["params"], fixed)
+        self.opt_state = restored["opt_state"]
         meta = restored["meta"]
         self.step, self.data_state = int(meta["step"]), meta.get("data_state")
         self.bad_total, self.bad_in_row = int(meta.get("bad_total", 0)), int(meta.get("bad_in_row", 0))
@@ -220,7 +262,11 @@ class Trainer:
         return True
 
     def load_params(self, params):
-        """Initial weights from elsewhere (stage 1 result, an imported checkpoint): a pure dict."""
+        """Initial weights from elsewhere (stage 1 result, an imported checkpoint): a pure dict. With
+        adapters these are the base's weights; the adapters keep their values."""
+        if lora.enabled(self.config.model):
+            trainable, _ = self.setup.split(self.params)
+            params = trainable_split(self.config)[1](trainable, params)
         self.params = jax.device_put(params, self.param_shardings)
 
     # -- the loop ----------------------------------------------------------------------------------

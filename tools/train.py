@@ -222,8 +222,21 @@ def main(argv):
     except (KeyError, FileNotFoundError, ValueError) as e:
         print(f"error: training data: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
-    trainer = trainer_lib.Trainer(config, _WORKDIR.value)
-    if not trainer.restore_latest() and config.init_from:
+    if config.lora.rank and not config.init_from:
+        print("error: lora.rank > 0 trains adapters on a base model: give it with --config.init_from=CHECKPOINT",
+              file=sys.stderr)
+        return 2
+    try:
+        trainer = trainer_lib.Trainer(config, _WORKDIR.value)
+    except ValueError as e:  # settings the model cannot be built with (lora.targets, lora.rank, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if config.lora.rank:  # adapters: the base always comes from init_from, then the adapters resume
+        trainer.load_params(trainer_lib.model_params_from_checkpoint(config.init_from))
+        n = sum(a.size for a in jax.tree.leaves(trainer.setup.split(trainer.params)[0]))
+        print(f"base weights from {config.init_from}; training rank-{config.lora.rank} adapters ({n:,} parameters)")
+        trainer.restore_latest()
+    elif not trainer.restore_latest() and config.init_from:
         trainer.load_params(trainer_lib.model_params_from_checkpoint(config.init_from))
         print(f"initialised from {config.init_from}")
     start = trainer.step

@@ -108,6 +108,8 @@ class Dense(nnx.Module):
                             param_dtype, std=std, stack=stack)
         self.bias = (param(rngs, self.out_shape, out_axes, param_dtype, init="zeros", stack=stack)
                      if use_bias else None)
+        self.lora_a = self.lora_b = None  # low-rank adapters, attached by layers.lora when configured
+        self.lora_scale = 0.0
 
     def __call__(self, x):
         n_in = len(self.in_shape)
@@ -117,6 +119,10 @@ class Dense(nnx.Module):
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            h = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), (contract, ((), ())))
+            y = y + self.lora_scale * jax.lax.dot_general(
+                h, self.lora_b[...].astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
         return y
 
 

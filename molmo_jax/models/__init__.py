@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from molmo_jax.layers import lora
 from molmo_jax.models.molmo import Molmo
 
 FAMILIES = {"molmo": Molmo}
@@ -29,7 +30,9 @@ def model_class(cfg) -> type[nnx.Module]:
 
 
 def create_model(cfg, seed: int = 0) -> nnx.Module:
-    return model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
+    """A model with fresh parameters, and low-rank adapters when `cfg.lora.rank` > 0."""
+    model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
+    return lora.add_adapters(model, cfg.lora, seed) if lora.enabled(cfg) else model
 
 
 def abstract_model(cfg) -> nnx.Module:

@@ -22,8 +22,9 @@ from molmo_jax.weights.exporter import export_checkpoint
 from molmo_jax.weights.from_base import init_from_base
 from molmo_jax.weights.importer import import_checkpoint
 from molmo_jax.weights.locate import CheckpointInfo, find_checkpoint
-from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path
-from molmo_jax.weights.params import model_from_flat, uniform_dtype
+from molmo_jax.layers import lora
+from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path, stored_params
+from molmo_jax.weights.params import flatten_params, model_from_flat, uniform_dtype
 from molmo_jax.weights.pytorch import convert_tensors, open_pytorch, read_config, read_pytorch
 
 save = save_model
@@ -64,6 +65,12 @@ def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, con
         by_path = shardings_by_path(shardings, flat)
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         flat = {p: jax.device_put(a, by_path[p] or default) for p, a in flat.items()}
+    elif lora.enabled(cfg) and all(lora.is_adapter(p) for p in stored_params(info.params_dir)):
+        # a run that trained adapters alone: the base comes from the checkpoint its config names
+        if not cfg.lora.get("base"):
+            raise WeightsError(f"{info.config_path}: adapters without a base (lora.base is empty)")
+        _, base = load(cfg.lora.base, shardings=shardings, dtype=dtype)
+        flat = flatten_params(base) | restore_params(info.params_dir, cfg, shardings, dtype, select=lora.is_adapter)
     else:
         flat = restore_params(info.params_dir, cfg, shardings, dtype)
         cfg.param_dtype = uniform_dtype(a.dtype for a in flat.values()) or cfg.param_dtype

@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from molmo_jax.layers import lora
 from molmo_jax.weights.configs import config_from_dict, config_to_json
 from molmo_jax.weights.errors import WeightsError, read_json
 from molmo_jax.weights.locate import CONFIG, TOKENIZER, find_checkpoint
@@ -33,6 +34,18 @@ from molmo_jax.weights.writing import Progress, Summary, atomic_output, check_de
 FORMATS = ("hf", "state_dict")
 REMOTE_CODE_FILES = ("*.py", "preprocessor_config.json", "processor_config.json", "generation_config.json")
 PREFIX = molmo_mapping.PREFIX
+
+
+class FlatReader:
+    """ParamReader's interface over parameters in memory ({path: array})."""
+
+    def __init__(self, flat: dict):
+        self.flat = {p: np.asarray(a) for p, a in flat.items()}
+        self.leaves = {p: (a.shape, a.dtype) for p, a in self.flat.items()}
+
+    def read(self, path, index: int | None = None) -> np.ndarray:
+        a = self.flat[path]
+        return a if index is None else a[index]
 
 
 def conversion_units(rules) -> list[tuple]:
@@ -64,7 +77,15 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
     if info.kind == "pytorch":
         raise WeightsError(f"{src}: already a PyTorch checkpoint; export takes a molmo_jax checkpoint")
     cfg = config_from_dict(read_json(info.config_path), str(info.config_path))
-    reader = ParamReader(info.params_dir)
+    if lora.enabled(cfg):  # adapters: merged into their base, in memory, and exported as one model
+        from molmo_jax.weights import load
+        from molmo_jax.weights.params import flatten_params
+
+        reader = FlatReader(lora.merge(flatten_params(load(src)[1]), cfg))
+        cfg = config_from_dict(cfg.to_dict())
+        del cfg["lora"]
+    else:
+        reader = ParamReader(info.params_dir)
     check_stored_params(cfg, reader.leaves, info.params_dir)
     out_dtype = {p: output_dtype(dtype) if dtype else np.dtype(d).name for p, (_, d) in reader.leaves.items()}
 

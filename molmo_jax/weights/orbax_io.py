@@ -75,11 +75,12 @@ def shardings_by_path(shardings, paths) -> dict:
     return flat
 
 
-def restore_params(params_dir, cfg, shardings=None, dtype=None) -> dict:
-    """{path: jax.Array} of a params checkpoint, checked against `cfg`, each array read straight into
-    its sharding (default: the first device) and cast to `dtype` while reading."""
+def restore_params(params_dir, cfg, shardings=None, dtype=None, select=None) -> dict:
+    """{path: jax.Array} of a params checkpoint, checked against `cfg` (the parameters `select`
+    picks, if given), each array read straight into its sharding (default: the first device) and
+    cast to `dtype` while reading."""
     stored = stored_params(params_dir)
-    check_param_shapes(cfg, {p: shape for p, (shape, _) in stored.items()}, params_dir)
+    check_param_shapes(cfg, {p: shape for p, (shape, _) in stored.items()}, params_dir, select)
     by_path = shardings_by_path(shardings, stored)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args, abstract = {}, {}

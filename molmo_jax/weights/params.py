@@ -51,9 +51,10 @@ def nested(flat: dict) -> dict:
     return out
 
 
-def check_param_shapes(cfg, shapes: dict, source) -> None:
-    """Every parameter of the model `cfg` describes is there with its shape, and nothing else."""
-    expected = param_paths(cfg)
+def check_param_shapes(cfg, shapes: dict, source, select=None) -> None:
+    """Every parameter of the model `cfg` describes (those `select(path)` picks, if given) is there
+    with its shape, and nothing else."""
+    expected = {p: s for p, s in param_paths(cfg).items() if select is None or select(p)}
     missing = [".".join(p) for p in expected.keys() - shapes.keys()]
     unexpected = [".".join(p) for p in shapes.keys() - expected.keys()]
     if missing:

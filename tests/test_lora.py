@@ -1,0 +1,130 @@
+"""Low-rank adapters (layers.lora): fresh adapters leave the model unchanged, only they train, the
+base stays bit-identical, checkpoints hold the adapters alone and resume bit for bit, merging gives
+the same logits, and settings that cannot work are one clear error before anything is compiled."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny_sft
+from molmo_jax import config as config_lib
+from molmo_jax import weights
+from molmo_jax.layers import lora
+from molmo_jax.models import create_model
+from molmo_jax.weights.params import model_from_flat, model_to_flat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 384, (2, 24)))
+
+
+def with_lora(**kw):
+    cfg = config_lib.tiny()
+    cfg.lora = lora.lora_config(rank=4, **kw)
+    return cfg
+
+
+def test_fresh_adapters_leave_the_logits_unchanged_and_sit_on_the_targets():
+    base, adapted = create_model(config_lib.tiny(), seed=0), create_model(with_lora(), seed=0)
+    assert jnp.array_equal(base(IDS)["logits"], adapted(IDS)["logits"])  # B = 0
+    flat = model_to_flat(adapted)
+    names = sorted(".".join(p[:-1]) for p in flat if p[-1] == "lora_a")
+    assert names == [f"llm.blocks.attn.w{x}" for x in "koqv"] + [f"llm.blocks.ffn.w_{x}" for x in ("down", "gate", "up")]
+    a, b = flat[("llm", "blocks", "attn", "wq", "lora_a")], flat[("llm", "blocks", "attn", "wq", "lora_b")]
+    assert a.shape == (2, 64, 4) and b.shape == (2, 4, 4, 16)  # stacked over the 2 layers like the kernel
+    axes = nnx.state(adapted, nnx.Param)["llm"]["blocks"]["attn"]["wq"]["lora_b"].get_metadata()["out_sharding"]
+    assert axes == ("layers", "lora_rank", "heads", "head_dim")
+
+
+def test_merged_weights_give_the_same_logits():
+    cfg = with_lora(targets=r"(wq|w_down|w1)\.kernel$")  # LLM and ViT layers
+    flat = model_to_flat(create_model(cfg, seed=0))
+    rng = np.random.default_rng(1)
+    flat = {p: (0.1 * rng.standard_normal(v.shape).astype(np.float32) if p[-1] == "lora_b" else v)
+            for p, v in flat.items()}
+    unmerged = model_from_flat(cfg, flat)(IDS)["logits"]
+    merged = model_from_flat(config_lib.tiny(), lora.merge(flat, cfg))(IDS)["logits"]
+    assert float(jnp.abs(unmerged - create_model(config_lib.tiny(), seed=0)(IDS)["logits"]).max()) > 1e-2
+    # float32 sums in another order: 2e-6 measured on logits of magnitude ~1
+    np.testing.assert_allclose(merged, unmerged, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(targets=r"no_such_layer"), "matches no Dense kernel"),
+    (dict(targets=r"(unclosed"), "is not a regular expression"),
+    (dict(rank=100), r"lora.rank=100 is larger than llm\.blocks\.\S+\.kernel's smaller side"),
+    (dict(base_weights="int3"), "lora.base_weights='int3'"),
+])
+def test_settings_that_cannot_work_are_clear_errors(change, message):
+    cfg = config_lib.tiny()
+    cfg.lora = lora.lora_config(**{"rank": 4, **change})
+    with pytest.raises(ValueError, match=message):
+        create_model(cfg)
+
+
+def _train(tmp_path, workdir, *extra):
+    cmd = [sys.executable, "-m", "tools.train", "--config", "configs/tiny_sft.py", "--workdir", str(workdir),
+           "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=1", "--config.seq_len=256",
+           "--config.batch_size=2", "--config.data.kind=random", "--progress=false", "--config.lora.rank=4",
+           f"--config.init_from={tmp_path / 'base'}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    cfg = tiny_sft.get_config().model
+    weights.save_model(tmp / "base", cfg, create_model(cfg, seed=1))
+    full = _train(tmp, tmp / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    half = _train(tmp, tmp / "resumed", "--config.total_steps=2")
+    assert half.returncode == 0, half.stderr[-3000:]
+    resumed = _train(tmp, tmp / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return tmp
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+
+
+def test_only_adapters_train_and_the_base_stays_bit_identical(runs):
+    _, base = weights.load(runs / "base")
+    cfg, trained = weights.load(runs / "full")  # the run: base from the pointer + its adapters
+    assert cfg.lora.rank == 4 and cfg.lora.base == str(runs / "base")
+    ours, theirs = model_to_flat(trained), model_to_flat(base)
+    for path, value in theirs.items():
+        np.testing.assert_array_equal(ours[path], value, err_msg=".".join(path))
+    assert any(np.any(ours[p]) for p in ours if p[-1] == "lora_b")  # the adapters moved
+    # The checkpoint holds the adapters alone.
+    step = runs / "full" / "checkpoints" / "4" / "params"
+    stored = weights.orbax_io.stored_params(step)
+    assert stored and all(lora.is_adapter(p) for p in stored)
+
+
+def test_adapter_run_resumes_bit_identically(runs):
+    assert _losses(runs / "resumed") == _losses(runs / "full")
+
+
+def test_adapters_need_a_base(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tools.train", "--config", "configs/tiny_sft.py", "--workdir",
+                          str(tmp_path / "w"), "--config.lora.rank=4", "--config.data.kind=random"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2 and "give it with --config.init_from" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_export_merges_the_adapters_into_the_released_layout(runs):
+    cfg, trained = weights.load(runs / "full")
+    summary = weights.export_checkpoint(runs / "full", runs / "hf")
+    assert "lora" not in weights.load_config(runs / "hf")
+    _, exported = weights.load(runs / "hf")
+    ids = IDS
+    np.testing.assert_allclose(exported(ids)["logits"], trained(ids)["logits"], atol=2e-5, rtol=0)
+    assert summary.n_params == sum(np.size(v) for p, v in model_to_flat(trained).items() if not lora.is_adapter(p))
