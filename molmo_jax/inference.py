@@ -128,13 +128,14 @@ class Answerer:
         self.generator = gen_lib.Generator(model, tokenizer.eos_id, detokenize=tokenizer.decode, mesh=mesh)
 
     @classmethod
-    def load(cls, checkpoint, tokenizer_dir=None, mesh=None, **kw) -> "Answerer":
+    def load(cls, checkpoint, tokenizer_dir=None, mesh=None, weights_kind=None, **kw) -> "Answerer":
         """From any checkpoint `weights.load` reads; with `mesh`, parameters are read straight into
-        their shardings. Raises WeightsError / TokenizerError with a one-line reason."""
+        their shardings; `weights_kind` "int8" / "int4[:GROUP]" quantizes the LLM's kernels. Raises
+        WeightsError / TokenizerError with a one-line reason."""
         from molmo_jax import weights
 
         tok_dir = find_tokenizer(checkpoint, tokenizer_dir)
-        cfg, model = weights.load(checkpoint, mesh=mesh)
+        cfg, model = weights.load(checkpoint, mesh=mesh, quantize=weights_kind)
         return cls(cfg, model, MolmoTokenizer(str(tok_dir), cfg.llm.vocab_size), mesh=mesh, **kw)
 
     # -- preprocessing -----------------------------------------------------------------------------

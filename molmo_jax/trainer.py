@@ -23,7 +23,7 @@ from flax import nnx, traverse_util
 
 from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import losses
-from molmo_jax.layers import lora
+from molmo_jax.layers import lora, quant
 from molmo_jax import models as model_lib
 from molmo_jax import optim
 from molmo_jax import sharding
@@ -181,6 +181,8 @@ def with_adapters(config):
         with config.unlocked():
             config.model.lora = ml_collections.ConfigDict(config.lora.to_dict())
             config.model.lora.base = config.model.lora.base or config.init_from
+            if config.lora.base_weights != "keep":  # QLoRA: the frozen base stored quantized
+                config.model.quant = quant.quant_config(config.lora.base_weights, config.lora.group)
     return config
 
 
@@ -265,6 +267,9 @@ class Trainer:
         """Initial weights from elsewhere (stage 1 result, an imported checkpoint): a pure dict. With
         adapters these are the base's weights; the adapters keep their values."""
         if lora.enabled(self.config.model):
+            if quant.enabled(self.config.model):  # a float base under a quantized model
+                flat = quant.quantize_params(traverse_util.flatten_dict(params), self.model(), self.config.model.quant)
+                params = traverse_util.unflatten_dict(flat)
             trainable, _ = self.setup.split(self.params)
             params = trainable_split(self.config)[1](trainable, params)
         self.params = jax.device_put(params, self.param_shardings)

@@ -87,6 +87,8 @@ def runs(tmp_path_factory):
     assert half.returncode == 0, half.stderr[-3000:]
     resumed = _train(tmp, tmp / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    qlora = _train(tmp, tmp / "qlora", "--config.lora.base_weights=int4", "--config.lora.group=16")
+    assert qlora.returncode == 0, qlora.stderr[-3000:]
     return tmp
 
 
@@ -128,3 +130,24 @@ def test_export_merges_the_adapters_into_the_released_layout(runs):
     ids = IDS
     np.testing.assert_allclose(exported(ids)["logits"], trained(ids)["logits"], atol=2e-5, rtol=0)
     assert summary.n_params == sum(np.size(v) for p, v in model_to_flat(trained).items() if not lora.is_adapter(p))
+
+
+def test_qlora_trains_adapters_on_an_int4_base(runs):
+    """lora.base_weights=int4: the frozen base is stored quantized (int8 values in [-8, 7], one scale per
+    16 inputs), the adapters in float32; only they change."""
+    cfg, model = weights.load(runs / "qlora")
+    assert cfg.quant.weights == "int4" and cfg.quant.group == 16
+    flat = model_to_flat(model)
+    kernel = flat[("llm", "blocks", "attn", "wq", "kernel")]
+    assert kernel.dtype == np.int8 and kernel.min() >= -8 and kernel.max() <= 7
+    assert flat[("llm", "blocks", "attn", "wq", "kernel_scale")].shape == (2, 4, 4, 16)  # 64 inputs / 16
+    assert flat[("llm", "blocks", "attn", "wq", "lora_a")].dtype == np.float32
+    assert any(np.any(flat[p]) for p in flat if p[-1] == "lora_b")
+    losses = _losses(runs / "qlora")
+    assert len(losses) == 4 and all(np.isfinite(list(losses.values())))
+
+
+def test_int4_group_that_does_not_divide_is_a_clear_error(runs):
+    out = _train(runs, runs / "bad_group", "--config.lora.base_weights=int4", "--config.lora.group=48")
+    assert out.returncode == 2 and "int4 group size 48 does not divide" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -195,6 +195,12 @@ def _load(args):
     from molmo_jax import weights
     from molmo_jax.weights import WeightsError
 
+    if args.weights:
+        from molmo_jax.layers import quant
+        try:
+            quant.parse(args.weights)
+        except ValueError as e:
+            raise InputError(f"--weights: {e}") from None
     mesh = None
     if args.mesh:
         from molmo_jax import sharding
@@ -203,7 +209,7 @@ def _load(args):
         except ValueError as e:
             raise InputError(f"--mesh {args.mesh}: {e}") from None
     try:
-        cfg, model = weights.load(args.checkpoint, mesh=mesh)
+        cfg, model = weights.load(args.checkpoint, mesh=mesh, quantize=args.weights)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         raise InputError(f"--checkpoint {args.checkpoint}: {e}") from None
     return cfg, model, mesh
@@ -297,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                         help="shard the parameters and batches over a device mesh, e.g. data=1,fsdp=-1,tensor=2 "
                              "(default: one device)")
+    parser.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP]", 
+                        help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128)")
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--high-res", action="store_true", help="36 crops per image (the high-res setting)")
     parser.add_argument("--tokenizer", default=None)

@@ -50,6 +50,8 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--style", default="demo", help="prompt style; 'demo' = no prefix, e.g. 'vqa2' adds 'vqa2:'")
     p.add_argument("--max-crops", type=int, default=None, help="image crops (default: the model's)")
+    p.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP]", 
+                   help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --batch mode")
     args = p.parse_args(argv)
     if args.image is not None and not args.prompt:
@@ -103,7 +105,8 @@ def load_answerer(args, mesh=None):
     from molmo_jax.weights import WeightsError
 
     try:
-        return Answerer.load(args.checkpoint, args.tokenizer, mesh=mesh, max_crops=args.max_crops, style=args.style)
+        return Answerer.load(args.checkpoint, args.tokenizer, mesh=mesh, weights_kind=args.weights,
+                             max_crops=args.max_crops, style=args.style)
     except (WeightsError, TokenizerError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -169,7 +172,7 @@ def run_inputs(args):
 
     data = read_inputs(args.inputs)
     try:
-        cfg, model = weights.load(args.checkpoint)
+        cfg, model = weights.load(args.checkpoint, quantize=args.weights)
         try:  # EOS from the tokenizer when there is one; else the config's
             eos = MolmoTokenizer(str(find_tokenizer(args.checkpoint, args.tokenizer)), cfg.llm.vocab_size).eos_id
         except NoTokenizerError:
@@ -195,7 +198,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         from molmo_jax.generate import Sampling
+        from molmo_jax.layers import quant
         Sampling(**sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))  # bad settings fail before the model loads
+        if args.weights:
+            quant.parse(args.weights)
         if args.inputs:
             run_inputs(args)
         elif args.batch:

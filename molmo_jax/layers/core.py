@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from molmo_jax.layers.quant import dequantize
+
 Axes = tuple[str | None, ...]
 
 # The original's init for new weights (init_fn "normal", init_std 0.02).
@@ -110,10 +112,14 @@ class Dense(nnx.Module):
                      if use_bias else None)
         self.lora_a = self.lora_b = None  # low-rank adapters, attached by layers.lora when configured
         self.lora_scale = 0.0
+        self.kernel_scale = None  # set by layers.quant: the kernel then holds int8 values
 
     def __call__(self, x):
         n_in = len(self.in_shape)
-        kernel = self.kernel[...].astype(self.dtype)
+        if self.kernel_scale is not None:
+            kernel = dequantize(self.kernel[...], self.kernel_scale[...], self.dtype)
+        else:
+            kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())))

@@ -34,7 +34,8 @@ def lora_config(**overrides) -> ml_collections.ConfigDict:
         rank=0,                    # 0 = no adapters
         alpha=16.0,                # the adapters' output is scaled by alpha / rank
         targets=DEFAULT_TARGETS,   # regex over parameter paths of Dense kernels
-        base_weights="keep",       # the frozen base: "keep" its dtype, or store it "int8" / "int4"
+        base_weights="keep",       # the frozen base: "keep" its dtype, or store it "int8" / "int4" (QLoRA)
+        group=128,                 # int4 base: one scale per this many inputs
         base="",                   # the checkpoint the adapters were trained on (set by the trainer)
     ))
     c.update(overrides)
@@ -93,7 +94,7 @@ def add_adapters(model, lcfg, seed: int = 0):
         a_shape = stack + dense.in_shape + (lcfg.rank,)
         rng = np.random.default_rng([seed, i])
         a = rng.standard_normal(a_shape, np.float32) / math.sqrt(math.prod(dense.in_shape))
-        dtype = kernel.dtype
+        dtype = jnp.float32 if jnp.issubdtype(kernel.dtype, jnp.integer) else kernel.dtype  # a quantized base
         # nnx.data: the attributes were None (static) until now
         dense.lora_a = nnx.data(nnx.Param(jnp.asarray(a, dtype), out_sharding=stack_axes + in_axes + ("lora_rank",),
                                           eager_sharding=False))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from molmo_jax.layers import lora
+from molmo_jax.layers import lora, quant
 from molmo_jax.models.molmo import Molmo
 
 FAMILIES = {"molmo": Molmo}
@@ -30,8 +30,11 @@ def model_class(cfg) -> type[nnx.Module]:
 
 
 def create_model(cfg, seed: int = 0) -> nnx.Module:
-    """A model with fresh parameters, and low-rank adapters when `cfg.lora.rank` > 0."""
+    """A model with fresh parameters; with a `quant` section its LLM kernels have the quantized
+    structure (int8 values, zero until loaded or quantized); with `lora.rank` > 0, adapters."""
     model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
+    if quant.enabled(cfg):
+        quant.quantize_model(model, cfg.quant, values=False)
     return lora.add_adapters(model, cfg.lora, seed) if lora.enabled(cfg) else model
 
 

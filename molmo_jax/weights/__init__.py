@@ -22,7 +22,7 @@ from molmo_jax.weights.exporter import export_checkpoint
 from molmo_jax.weights.from_base import init_from_base
 from molmo_jax.weights.importer import import_checkpoint
 from molmo_jax.weights.locate import CheckpointInfo, find_checkpoint
-from molmo_jax.layers import lora
+from molmo_jax.layers import lora, quant
 from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path, stored_params
 from molmo_jax.weights.params import flatten_params, model_from_flat, uniform_dtype
 from molmo_jax.weights.pytorch import convert_tensors, open_pytorch, read_config, read_pytorch
@@ -40,13 +40,15 @@ def load_config(path, config=None):
     return config_from_dict(read_json(info.config_path), str(info.config_path))
 
 
-def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, config=None):
+def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, config=None, quantize=None):
     """(cfg, model) from any checkpoint (see the module docstring). Parameters are placed by
     `shardings` (one for all, or a pytree / flat dict of them), or by the project's sharding rules on
     `mesh`; a model directory or training run is read straight into them. `dtype` casts the
     parameters, `compute_dtype` sets the model's compute dtype. PyTorch checkpoints are converted in
     memory (for the largest models, convert once with `tools.convert import`); `config` (a
-    config.json or a preset name) is needed only for a bare state dict file."""
+    config.json or a preset name) is needed only for a bare state dict file. `quantize` ("int8", or
+    "int4" / "int4:GROUP") quantizes the LLM's kernels after loading (layers.quant); a checkpoint
+    saved quantized loads quantized without it."""
     import jax
     from flax import nnx
 
@@ -70,10 +72,24 @@ def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, con
         if not cfg.lora.get("base"):
             raise WeightsError(f"{info.config_path}: adapters without a base (lora.base is empty)")
         _, base = load(cfg.lora.base, shardings=shardings, dtype=dtype)
-        flat = flatten_params(base) | restore_params(info.params_dir, cfg, shardings, dtype, select=lora.is_adapter)
+        flat = flatten_params(base)
+        if quant.enabled(cfg):  # QLoRA: the base the adapters were trained on was stored quantized
+            from molmo_jax.models import abstract_model
+
+            flat = quant.quantize_params(flat, abstract_model(cfg), cfg.quant)
+        flat |= restore_params(info.params_dir, cfg, shardings, dtype, select=lora.is_adapter)
     else:
         flat = restore_params(info.params_dir, cfg, shardings, dtype)
         cfg.param_dtype = uniform_dtype(a.dtype for a in flat.values()) or cfg.param_dtype
     if compute_dtype is not None:
         cfg.dtype = str(compute_dtype)
-    return cfg, model_from_flat(cfg, flat)
+    model = model_from_flat(cfg, flat)
+    if quantize and quantize != "float":
+        if quant.enabled(cfg):
+            raise WeightsError(f"{path}: already quantized ({cfg.quant.weights}); load it without --weights")
+        try:
+            cfg.quant = quant.parse(quantize)
+            quant.quantize_model(model, cfg.quant)
+        except ValueError as e:
+            raise WeightsError(f"{path}: {e}") from None
+    return cfg, model
