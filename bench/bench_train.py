@@ -1,13 +1,15 @@
-"""Training step of the bench-s configuration and workload on this CPU (issue: sharded training).
+"""Training step of the bench-s configuration and workload on this CPU.
 
     .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
-                                          [--dtype float32|bfloat16]
+                                          [--dtype float32|bfloat16] [--lora-rank R]
 
 Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32
 (unless `--dtype`), through the real trainer step (one device). Reports the median step time, the peak resident memory
 of this process, and the model FLOP rate against this CPU's matmul rate measured in the same run.
 `--dtype bfloat16` computes in bf16 (parameters and optimizer state stay f32); its rate is then set
-against the bf16 matmul rate as well as the f32 one.
+against the bf16 matmul rate as well as the f32 one. `--lora-rank R` trains rank-R adapters on the
+LLM's projections alone (the base frozen, no optimizer state for it); run it in its own process to
+compare peak memory with full fine-tuning.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from molmo_jax import trainer as trainer_lib
 ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # shared/bench/README.md
 
 
-def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32"):
+def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32", lora_rank: int = 0):
     """The bench-s config and a function running one real trainer step on one device (blocks until done)."""
     c = base.base(config_lib.bench_s(), "sft")
     c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=max_loss_tokens,
@@ -37,6 +39,7 @@ def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = 
     c.model.remat = remat
     c.model.scan_unroll = scan_unroll
     c.model.dtype = dtype
+    c.lora.rank = lora_rank
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=1e-4, warmup=1)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
@@ -66,18 +69,20 @@ def main():
                         help="head applied at this many positions per step (0 = all B x T)")
     parser.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration")
     parser.add_argument("--dtype", default="float32", choices=common.MATMUL_DTYPES, help="compute dtype")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters alone (0: full fine-tuning)")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
     torch_rate = common.matmul_gflops("torch")
     bf16_rate = common.matmul_gflops("jax", "bfloat16") if args.dtype == "bfloat16" else None
-    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype)
+    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype, args.lora_rank)
     times = common.time_runs(step, args.runs, warmup=2)
     s = common.summary(times)
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
     ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
     common.report("train_step", dict(
         remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens,
+        lora_rank=args.lora_rank,
         seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
         peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,

@@ -303,6 +303,23 @@ def check_train(workdir, initialised_from=None):
     return check
 
 
+def check_lora_train(stage, proc):
+    out = stage.out("runs/lora")
+    assert f"base weights from {stage.out('runs/molmo_7b_d')}; training rank-16 adapters" in proc.stdout
+    assert f"trained to step 2; checkpoints in {out}/checkpoints" in proc.stdout
+    base, run = _flat_params(stage.out("runs/molmo_7b_d")), _flat_params(out)
+    for k in base:  # the base is untouched; the run adds the adapters
+        np.testing.assert_array_equal(run[k], base[k], err_msg=".".join(k))
+    assert any(k[-1] == "lora_b" for k in run)
+
+
+def check_lora_infer(stage, proc):
+    from PIL import Image
+    drawn = stage.out("lora_points.png")
+    assert re.fullmatch(rf"wrote {re.escape(drawn)} \(\d+ points drawn\)", _stdout_lines(proc)[-1]), proc.stdout
+    assert Image.open(drawn).size == Image.open(stage.photo).size
+
+
 def check_download(stage, proc):
     n = PIXMO_CAP_IMAGES
     assert _stdout_lines(proc) == [f"downloaded {n}, already present 0, failed 0, "
@@ -400,7 +417,7 @@ STAND_INS: dict[str, Callable[[Stage], str]] = {
     # What the commands write goes to the scratch folder, under the same names.
     **{word: _out(word) for word in ("runs/molmo_7b_d", "points.png", "runs/data", "runs/ft", "images/",
                                      "gs_or_local/data", "/ckpt/run1", "runs/demo_hf", "/tmp/out.npz",
-                                     "/tmp/inputs.npz")},
+                                     "/tmp/inputs.npz", "runs/lora", "lora_points.png")},
 }
 
 # Training rehearsals: 2 steps (the tiny configs run 20), and the data kind of the 7B configs
@@ -430,6 +447,9 @@ _BUILD_VQA = ".venv/bin/python -m tools.build_data vqa --name my_data --data-dir
 _FINETUNE = (".venv/bin/python -m tools.train --config configs/molmo_7b_d_sft.py --workdir runs/ft "
              "--config.init_from=runs/molmo_7b_d --config.data.mixture=vqa:my_data:1.0 "
              "--config.data.tokenizer=path/to/Molmo-7B-D-0924 --config.data.data_dir=runs/data")
+_LORA = (".venv/bin/python -m tools.train --config configs/molmo_7b_d_sft.py --workdir runs/lora "
+         "--config.init_from=runs/molmo_7b_d --config.lora.rank=16 --config.data.mixture=vqa:my_data:1.0 "
+         "--config.data.tokenizer=path/to/Molmo-7B-D-0924 --config.data.data_dir=runs/data")
 _DOWNLOAD = ".venv/bin/python -m tools.download_pixmo --source hub/pixmo-cap --images images/"
 _BUILD_CAP = (".venv/bin/python -m tools.build_data pixmo_cap --data-dir gs_or_local/data --source hub/pixmo-cap "
               "--images images/")
@@ -442,6 +462,10 @@ TABLE = [
     Rehearsal(_BUILD_VQA, check_build_vqa),
     Rehearsal(_FINETUNE, check_train("runs/ft", initialised_from="runs/molmo_7b_d"), extra=TRAIN_FLAGS,
               after=(_IMPORT, _BUILD_VQA)),
+    Rehearsal(_LORA, check_lora_train, extra=TRAIN_FLAGS, after=(_IMPORT, _BUILD_VQA)),
+    Rehearsal(".venv/bin/python -m tools.infer --checkpoint runs/lora --tokenizer path/to/Molmo-7B-D-0924 --weights int8 "
+              '--image photo.jpg --prompt "Point to the dogs." --out-image lora_points.png', check_lora_infer,
+              after=(_LORA,)),
     Rehearsal(_DOWNLOAD, check_download),
     Rehearsal(_BUILD_CAP, check_build_pixmo_cap, after=(_DOWNLOAD,)),
     # Run on every host by `gcloud compute tpus tpu-vm ssh my-v5p-128 --worker=all --command "cd molmo_jax && ..."`;

@@ -1,5 +1,6 @@
 """Weight-only quantization of the LLM's Dense kernels: int8 with one scale per output channel, or
-int4 with one scale per group of `group` inputs (along the last input axis) and output channel.
+int4 with one scale per group of `group` inputs (along the last input axis; a group wider than that
+axis covers all of it) and output channel.
 
 The quantized values (int8 storage for both; int4 values lie in [-8, 7]) replace the kernel under its
 own name and logical axes, and a `kernel_scale` parameter holds the scales; a Dense dequantizes when it
@@ -58,10 +59,15 @@ def check(qcfg, model) -> list:
     if qcfg.weights == "int4":
         for name, dense in found:
             width = dense.in_shape[-1]
-            if qcfg.group < 1 or width % qcfg.group:
+            if qcfg.group < 1 or width % _group(qcfg.group, width):
                 raise ValueError(f"int4 group size {qcfg.group} does not divide {name}.kernel's input width "
                                  f"{width}; choose a divisor (e.g. {np.gcd(width, DEFAULT_GROUP)})")
     return found
+
+
+def _group(group: int, width: int) -> int:
+    """A group wider than the axis it tiles is the whole axis (e.g. 128 on a 64-wide head_dim)."""
+    return min(group, width)
 
 
 def quantize_array(w, kind: str, n_stack: int, n_in: int, group: int):
@@ -77,7 +83,7 @@ def quantize_array(w, kind: str, n_stack: int, n_in: int, group: int):
     if kind == "int8":
         q = qwix.quantize(w, jnp.int8, channelwise_axes=channelwise)
     else:
-        q = qwix.quantize(w, jnp.int4, channelwise_axes=channelwise, tiled_axes={last_in: group})
+        q = qwix.quantize(w, jnp.int4, channelwise_axes=channelwise, tiled_axes={last_in: _group(group, w.shape[last_in])})
     return np.asarray(q.qvalue).astype(np.int8), np.asarray(q.scale, np.float32)
 
 
@@ -117,7 +123,8 @@ def quantize_model(model, qcfg, values: bool = True):
             q = np.zeros(kernel.shape, np.int8)
             scale_shape = [1 if n_stack <= i < n_stack + n_in else s for i, s in enumerate(kernel.shape)]
             if qcfg.weights == "int4":
-                scale_shape[n_stack + n_in - 1] = kernel.shape[n_stack + n_in - 1] // qcfg.group
+                width = kernel.shape[n_stack + n_in - 1]
+                scale_shape[n_stack + n_in - 1] = width // _group(qcfg.group, width)
             scale = np.zeros(scale_shape, np.float32)
         scale_axes = tuple(a if scale.shape[i] == kernel.shape[i] else None for i, a in enumerate(axes))
         dense.kernel = nnx.Param(jnp.asarray(q), out_sharding=axes, eager_sharding=False)
