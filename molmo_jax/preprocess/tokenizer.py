@@ -35,8 +35,8 @@ def _special_token(value):
     return value
 
 
-def _read_special_names(folder: str) -> dict:
-    """eos/bos token strings from tokenizer_config.json and special_tokens_map.json, if present."""
+def read_special_names(folder: str) -> dict:
+    """eos/bos/pad token strings from tokenizer_config.json and special_tokens_map.json, if present."""
     names = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
         path = os.path.join(folder, fname)
@@ -47,7 +47,7 @@ def _read_special_names(folder: str) -> dict:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise TokenizerError(f"{path}: unreadable JSON ({e})") from None
-        for key in ("eos_token", "bos_token"):
+        for key in ("eos_token", "bos_token", "pad_token"):
             tok = _special_token(d.get(key))
             if tok and key not in names:
                 names[key] = tok
@@ -76,7 +76,7 @@ class MolmoTokenizer:
             raise TokenizerError(f"{file}: the tokenizer has {self.base_size} tokens, more than the "
                                  f"model's vocab_size {vocab_size}")
         self.vocab_size = int(vocab_size)
-        names = _read_special_names(folder)
+        names = read_special_names(folder)
         eos_name = names.get("eos_token")
         if eos_name is None and self._tok.token_to_id("<|endoftext|>") is not None:
             eos_name = "<|endoftext|>"
