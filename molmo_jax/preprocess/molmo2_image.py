@@ -18,7 +18,22 @@ import numpy as np
 
 from molmo_jax.preprocess import blas
 from molmo_jax.preprocess.image import patchify_crops, select_tiling
+from molmo_jax.preprocess.image_io import ImageError, load_image
 from molmo_jax.preprocess.resize import F32, resize_chw
+
+
+def check_view(s) -> None:
+    """The options image and video settings share: crop size, patch, pooling, normalisation. Sequences
+    become tuples, so that settings hash (tables are cached per settings)."""
+    for name in ("pooling", "mean", "std") + (("overlap_margins",) if hasattr(s, "overlap_margins") else ()):
+        object.__setattr__(s, name, tuple(getattr(s, name)))
+    if s.crop_size <= 0 or s.patch <= 0 or s.crop_size % s.patch:
+        raise ValueError(f"crop_size {s.crop_size} must be a positive multiple of patch {s.patch}")
+    if len(s.pooling) != 2 or min(s.pooling) < 1:
+        raise ValueError(f"pooling must be two sizes >= 1, got {s.pooling}")
+    if not s.rescale_factor > 0 or len(s.mean) != 3 or len(s.std) != 3 or min(s.std) <= 0:
+        raise ValueError(f"need rescale_factor > 0 and three means and positive stds, got {s.rescale_factor}, "
+                         f"{s.mean}, {s.std}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,17 +49,12 @@ class Molmo2ImageSettings:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self):
-        if self.crop_size <= 0 or self.patch <= 0 or self.crop_size % self.patch:
-            raise ValueError(f"crop_size {self.crop_size} must be a positive multiple of patch {self.patch}")
+        check_view(self)
         if self.max_crops < 1:
             raise ValueError(f"max_crops must be >= 1, got {self.max_crops}")
         if self.window_patches < 1 or min(self.overlap_margins) < 0:
             raise ValueError(f"overlap_margins {self.overlap_margins} leave no window in a crop of "
                              f"{self.crop_patches} patches")
-        if len(self.pooling) != 2 or min(self.pooling) < 1:
-            raise ValueError(f"pooling must be two sizes >= 1, got {self.pooling}")
-        if self.rescale_factor <= 0:
-            raise ValueError(f"rescale_factor must be positive, got {self.rescale_factor}")
 
     @property
     def crop_patches(self) -> int:
@@ -64,12 +74,16 @@ class Molmo2ImageSettings:
 # Pixels
 
 def as_rgb(image, what: str = "image") -> np.ndarray:
-    """uint8 [H, W, 3] from a uint8 [H, W, 3], [H, W] / [H, W, 1] (grey) or [H, W, 4] (RGBA) array.
+    """uint8 [H, W, 3] from a uint8 [H, W, 3], [H, W] / [H, W, 1] (grey) or [H, W, 4] (RGBA) array, or from
+    a path, encoded bytes or a PIL image through `load_image` (EXIF orientation applied, alpha dropped).
 
-    Alpha is composited onto white in float32 as the reference does for arrays:
+    An array's alpha is composited onto white in float32 as the reference does for arrays:
     trunc((rgb/255 * a/255 + (1 - a/255)) * 255.999)."""
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"{what}: expected a numpy array, got {type(image).__name__}")
+        try:
+            return load_image(image)
+        except ImageError as e:
+            raise ValueError(f"{what}: {e}") from None
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
@@ -199,7 +213,7 @@ def process_image(image, s: Molmo2ImageSettings, what: str = "image") -> Molmo2I
 def process_images(images, s: Molmo2ImageSettings) -> tuple[dict, list[Molmo2ImageInputs]]:
     """Several images -> (pixel_values, image_token_pooling, image_grids, image_num_crops) under the
     transformers names, and the per-image results."""
-    if isinstance(images, np.ndarray) and images.ndim != 4:
+    if not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
         images = [images]
     images = list(images)
     if not images:

@@ -1,10 +1,10 @@
 """Molmo2 text + images + videos -> model inputs, equal to transformers' `Molmo2Processor`
 (docs/architecture.md#molmo2-preprocessing).
 
-    proc = Molmo2Processor("path/to/Molmo2-4B")            # its tokenizer files
-    batch = proc.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image", "image": rgb_uint8}, {"type": "text", "text": "Point to the cat."}]}],
-        add_generation_prompt=True, tokenize=True)
+    proc = Molmo2Processor.from_pretrained("path/to/Molmo2-4B")   # tokenizer and processor configs
+    messages = [{"role": "user", "content": [{"type": "image", "image": rgb_uint8},
+                                             {"type": "text", "text": "Point to the cat."}]}]
+    batch = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # batch: dict of numpy arrays under the transformers names: input_ids, attention_mask, mm_token_type_ids
     #        [B, T] int64; pixel_values, image_token_pooling, image_grids, image_num_crops;
     #        pixel_values_videos, video_token_pooling, video_grids
@@ -13,23 +13,24 @@ Every prompt gets the BOS string (BOS, else EOS) in front unless it starts with 
 `<|video|>` marker is replaced by its media's tokens, in order across the batch:
   image  <low_res_im_start> (<im_patch> * low_w <im_col>) * low_h <im_end>
          <im_start> (<im_patch> * high_w <im_col>) * high_h <im_end>
-  video  per frame: "{time:.1f} " (a space before all but the first) <frame_start> (<im_patch> * cols) * rows <frame_end>
+  video  per frame: "{time:.1f} " (a space before all but the first)
+         <frame_start> (<im_patch> * cols) * rows <frame_end>
 Text is encoded piece by piece between added tokens, as the `tokenizers` library does anyway, so the long
 runs of image tokens never go through the tokenizer. Several prompts are right-padded (or left, with
 padding_side) with the pad token.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import numpy as np
-import tokenizers
 
 from molmo_jax.preprocess import molmo2_chat
 from molmo_jax.preprocess.molmo2_image import Molmo2ImageSettings, process_images
 from molmo_jax.preprocess.molmo2_video import Molmo2VideoSettings, process_videos
-from molmo_jax.preprocess.tokenizer import TokenizerError, read_special_names
+from molmo_jax.preprocess.tokenizer import TokenizerError, load_tokenizer_file, read_special_names
 
 MOLMO2_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>", "<im_low>",
                  "<frame_start>", "<frame_end>", "<|video|>")
@@ -53,14 +54,7 @@ class Molmo2Tokenizer:
     `tokenizers` library; BOS / EOS / padding from tokenizer_config.json or special_tokens_map.json."""
 
     def __init__(self, path: str):
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise TokenizerError(f"no tokenizer.json at {file!r}")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises its own Exception type
-            raise TokenizerError(f"{file}: cannot be loaded by the tokenizers library ({e})") from None
+        self._tok, file, folder = load_tokenizer_file(path)
         self.path = file
         missing = [t for t in MOLMO2_TOKENS if self._tok.token_to_id(t) is None]
         if missing:
@@ -124,6 +118,32 @@ class Molmo2Processor:
         ids = self.tokenizer.ids
         self.mm_token_ids = np.array([ids[t] for t in _MM_TOKENS], np.int64)
         self.video_token_id = ids["<|video|>"]
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "Molmo2Processor":
+        """The processor of a Hugging Face Molmo2 checkpoint folder: its tokenizer files and, when present,
+        preprocessor_config.json, video_preprocessor_config.json and processor_config.json."""
+        def read(name):
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return {}
+            with open(path) as f:
+                return json.load(f)
+
+        def view(config, keys):
+            size = config.get("size") or {}
+            if size.get("height") != size.get("width"):
+                raise ValueError(f"{folder}: Molmo2 needs a square size, got {size}")
+            renamed = {"crop_size": size.get("height"), "patch": config.get("patch_size"),
+                       "pooling": config.get("pooling_size"), "mean": config.get("image_mean"),
+                       "std": config.get("image_std"), **{k: config.get(k) for k in keys}}
+            return {k: v for k, v in renamed.items() if v is not None}
+
+        image = view(read("preprocessor_config.json"), ("max_crops", "overlap_margins", "rescale_factor"))
+        video = view(read("video_preprocessor_config.json"), ("num_frames", "max_fps", "do_sample_frames",
+                                                              "rescale_factor"))
+        options = {k: v for k, v in read("processor_config.json").items() if k in _TEXT_OPTIONS}
+        return cls(folder, Molmo2ImageSettings(**image), Molmo2VideoSettings(**video), **options)
 
     # -- media tokens -------------------------------------------------------------------------------
     def image_tokens(self, grid) -> list[int]:

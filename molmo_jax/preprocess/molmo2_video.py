@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from molmo_jax.preprocess.molmo2_image import as_rgb, global_views, pool_windows
+from molmo_jax.preprocess.molmo2_image import as_rgb, check_view, global_views, pool_windows
 from molmo_jax.preprocess.resize import F32
 
 
@@ -33,10 +33,7 @@ class Molmo2VideoSettings:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self):
-        if self.crop_size <= 0 or self.patch <= 0 or self.crop_size % self.patch:
-            raise ValueError(f"crop_size {self.crop_size} must be a positive multiple of patch {self.patch}")
-        if len(self.pooling) != 2 or min(self.pooling) < 1:
-            raise ValueError(f"pooling must be two sizes >= 1, got {self.pooling}")
+        check_view(self)
         if self.num_frames < 1 or not self.max_fps > 0:
             raise ValueError(f"num_frames must be >= 1 and max_fps > 0, got {self.num_frames} and {self.max_fps}")
 
@@ -76,7 +73,9 @@ def sample_frames(meta: VideoMetadata, s: Molmo2VideoSettings, num_frames: int |
                   fps: float | None = None) -> np.ndarray:
     """Indices of the frames to keep: `fps` frames per second if given, else up to `num_frames`
     (s.num_frames) limited to s.max_fps per second; evenly spaced by total / count, truncated from float32
-    as the reference's torch.arange(...).int(). Sets meta.fps / meta.duration when unknown."""
+    as the reference's torch.arange(...).int(). Sets meta.fps / meta.duration when unknown. Where rounding
+    makes that arange one step longer (150 frames, 7 wanted) the reference fails indexing past the last
+    frame; that extra index is dropped here."""
     if fps is not None and num_frames is not None:
         raise ValueError("num_frames and fps are mutually exclusive: pass at most one")
     if meta.fps is None:
@@ -93,7 +92,8 @@ def sample_frames(meta: VideoMetadata, s: Molmo2VideoSettings, num_frames: int |
     target = max(min(target, total), 1)
     step = total / target
     count = int(np.ceil(total / step))
-    return (np.arange(count, dtype=np.float64) * step).astype(F32).astype(np.int32)
+    indices = (np.arange(count, dtype=np.float64) * step).astype(F32).astype(np.int32)
+    return indices[indices < total]
 
 
 def frame_times(indices, fps: float, float32: bool) -> list[float]:

@@ -35,6 +35,18 @@ def _special_token(value):
     return value
 
 
+def load_tokenizer_file(path: str) -> tuple[tokenizers.Tokenizer, str, str]:
+    """(the `tokenizers` object, its tokenizer.json, the folder holding it) of a folder or a tokenizer.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise TokenizerError(f"no tokenizer.json at {file!r}")
+    try:
+        return tokenizers.Tokenizer.from_file(file), file, folder
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise TokenizerError(f"{file}: cannot be loaded by the tokenizers library ({e})") from None
+
+
 def read_special_names(folder: str) -> dict:
     """eos/bos/pad token strings from tokenizer_config.json and special_tokens_map.json, if present."""
     names = {}
@@ -62,14 +74,7 @@ class MolmoTokenizer:
     """
 
     def __init__(self, path: str, vocab_size: int):
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise TokenizerError(f"no tokenizer.json at {file!r}")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises its own Exception type
-            raise TokenizerError(f"{file}: cannot be loaded by the tokenizers library ({e})") from None
+        self._tok, file, folder = load_tokenizer_file(path)
         self.path = file
         self.base_size = self._tok.get_vocab_size(with_added_tokens=True)
         if self.base_size > vocab_size:
