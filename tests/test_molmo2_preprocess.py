@@ -158,6 +158,20 @@ def test_checkpoint_options_match_transformers(reference, tmp_path):
                                                                video_metadata=metadata))
 
 
+def test_text_only_prompts_bos_and_left_padding_match_transformers(reference, ours):
+    prompts = ["<|im_end|>Already starts with BOS.", "<|im_start|>user\nA longer question, with words.<|im_end|>\n"]
+    assert_same(reference(text=prompts, padding=True, padding_side="left", return_tensors="np"),
+                ours(text=prompts, padding_side="left"))
+
+
+def test_video_forms_agree(ours):
+    frames = list(_images((5, 16, 16, 3), seed=2)[0])
+    as_list = ours(videos=frames, text="<|video|>")
+    for other in (ours(videos=np.stack(frames), text="<|video|>"), ours(videos=[np.stack(frames)], text="<|video|>")):
+        assert sorted(other) == sorted(as_list)
+        assert all(np.array_equal(other[k], as_list[k]) for k in as_list)
+
+
 def test_frame_sampling():
     s = Molmo2VideoSettings()
     meta = VideoMetadata(total_num_frames=300, fps=30.0)      # 10 s: max_fps 2 allows 20 frames
