@@ -273,11 +273,13 @@ def _as_pil_image(image: Any):
 def draw_points(image: Any, points: np.ndarray | Sequence, out_path: str,
                 true_points: np.ndarray | Sequence | None = None, *, radius: int | None = None,
                 color: tuple[int, int, int] = (255, 0, 0),
-                true_color: tuple[int, int, int] = (0, 200, 0)) -> str:
+                true_color: tuple[int, int, int] = (0, 200, 0),
+                colors: Sequence[tuple[int, int, int]] | None = None) -> str:
     """Draw predicted points (filled circles) and optionally true points (rings) and save a PNG.
 
-    `points` and `true_points` are pixel (x, y) arrays [N, 2]. The radius defaults to 1% of the
-    image diagonal (at least 3 px). Returns `out_path`.
+    `points` and `true_points` are pixel (x, y) arrays [N, 2]; `colors` gives each point its own
+    colour (default: all `color`). The radius defaults to 1% of the image diagonal (at least 3 px).
+    Returns `out_path`.
     """
     from PIL import ImageDraw
     img = _as_pil_image(image).copy()
@@ -286,7 +288,11 @@ def draw_points(image: Any, points: np.ndarray | Sequence, out_path: str,
     draw = ImageDraw.Draw(img)
     for x, y in np.asarray(true_points if true_points is not None else [], dtype=np.float64).reshape(-1, 2):
         draw.ellipse([x - r - 2, y - r - 2, x + r + 2, y + r + 2], outline=true_color, width=max(2, r // 2))
-    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(255, 255, 255))
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if colors is not None and len(colors) != len(pts):
+        raise ValueError(f"draw_points: {len(colors)} colors for {len(pts)} points")
+    for k, (x, y) in enumerate(pts):
+        fill = tuple(colors[k]) if colors is not None else color
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
     img.save(out_path, format="PNG")
     return str(out_path)

@@ -169,13 +169,13 @@ def resize_pad_normalize(x_chw: np.ndarray, target: tuple[int, int], s: ImageSet
     return canvas, (sh, sw, top, left)
 
 
-def patchify_crops(canvas: np.ndarray, rows: int, cols: int, stride: tuple[int, int], s: ImageSettings,
-                   out: np.ndarray):
-    """Write the patch vectors of the rows x cols crops of a [3, H, W] canvas, taken with the given
-    pixel stride, into out [rows*cols, P, patch*patch*3]: (dy, dx, rgb) order, patches row-major.
-    One strided view per channel and one copy (measured faster than going channel-last first)."""
-    ph, pw = s.crop_patches
-    p = s.patch
+def patchify_crops(canvas: np.ndarray, rows: int, cols: int, stride: tuple[int, int],
+                   crop_patches: tuple[int, int], p: int, out: np.ndarray):
+    """Write the patch vectors of the rows x cols crops (crop_patches patches of p x p pixels each)
+    of a [3, H, W] canvas, taken with the given pixel stride, into out [rows*cols, P, p*p*3]:
+    (dy, dx, rgb) order, patches row-major. One strided view per channel and one copy (measured
+    faster than going channel-last first)."""
+    ph, pw = crop_patches
     dst = out.reshape(rows, cols, ph, pw, p, p, 3)
     for ch in range(3):
         plane = canvas[ch]
@@ -294,8 +294,8 @@ def process_image(image: np.ndarray, s: ImageSettings) -> ImageInputs:
     n = rows * cols
     n_patches = s.crop_patches[0] * s.crop_patches[1]
     images = np.empty((1 + n, n_patches, s.patch * s.patch * 3), F32)
-    patchify_crops(g_canvas, 1, 1, (0, 0), s, out=images[:1])
-    patchify_crops(hr_canvas, rows, cols, win, s, out=images[1:])
+    patchify_crops(g_canvas, 1, 1, (0, 0), s.crop_patches, s.patch, out=images[:1])
+    patchify_crops(hr_canvas, rows, cols, win, s.crop_patches, s.patch, out=images[1:])
 
     hr_masks = patch_masks(hr_geom, rows, cols, win, s)
     if s.legacy_mask_shift:

@@ -1,5 +1,5 @@
-"""Antialiased bilinear resize with the semantics of torch's
-`F.interpolate(mode="bilinear", antialias=True, align_corners=False)`, in plain numpy.
+"""Bilinear resize with the semantics of torch's `F.interpolate(mode="bilinear", align_corners=False)`,
+antialiased (Molmo) or not (Molmo2), in plain numpy.
 
 The original resizes every view with that torch call, so the pixel values the released weights saw
 depend on its exact filter. The resize is separable: for each axis a [out, in] weight matrix is built
@@ -11,6 +11,11 @@ BLAS calls, about as many multiply-adds as the taps themselves, and no Python lo
 
 Like torch, the width axis is resized first, then the height axis (this order reproduces torch's
 rounding to about one float32 ulp).
+
+Without antialiasing torch runs another kernel: every output reads two inputs per axis, and its
+float32 arithmetic (compiled with fused multiply-adds on x86-64 with AVX2 and newer, the kernel that
+runs with more than one torch thread) is reproduced exactly, so results are bit-identical; Molmo2 rounds
+the resized pixels to uint8, where a single ulp could flip a value.
 """
 from __future__ import annotations
 
@@ -112,13 +117,41 @@ def _copy(block, dest):
     dest[...] = block
 
 
-def resize_chw(x: np.ndarray, out_h: int, out_w: int, out: np.ndarray | None = None, finish=None) -> np.ndarray:
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c rounded once, as a fused multiply-add (the float32 product is exact in float64)."""
+    return (a.astype(np.float64) * b + c).astype(F32)
+
+
+def _bilinear_taps(in_size: int, out_size: int):
+    """Per output index: the two input indices and their float32 weights, as torch's CPU
+    `compute_indices_weights_linear` (align_corners=False) computes them, source index by FMA."""
+    scale = F32(in_size) / F32(out_size)
+    src = _fma(np.full(out_size, scale, F32), np.arange(out_size, dtype=F32) + F32(0.5), np.float64(-0.5))
+    src = np.maximum(src, F32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam1 = np.clip(src - i0.astype(F32), F32(0.0), F32(1.0)).astype(F32)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, (F32(1.0) - lam1).astype(F32), lam1
+
+
+def _resize_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Torch's generic bilinear kernel: per output, fma(fma(x00, w0, x01*w1), h0, fma(x10, w0, x11*w1)*h1).
+    The inner (width) value of an output depends only on its input row, so it is computed once per input row."""
+    h0, h1, a0, a1 = _bilinear_taps(x.shape[1], out_h)
+    w0, w1, b0, b1 = _bilinear_taps(x.shape[2], out_w)
+    rows = _fma(x[:, :, w0], b0, x[:, :, w1] * b1)
+    return _fma(rows[:, h0], a0[:, None], rows[:, h1] * a1[:, None])
+
+
+def resize_chw(x: np.ndarray, out_h: int, out_w: int, out: np.ndarray | None = None, finish=None,
+               antialias: bool = True) -> np.ndarray:
     """Resize a float32 [C, H, W] array to [C, out_h, out_w], written into `out` if given (which
     may be a view into a larger canvas).
 
     `finish(block, dest)` writes each finished block of output rows into its destination view;
     it gets the block while it is hot in cache and contiguous (elementwise numpy ops on strided
     views are ~3x slower), so clipping and normalisation cost little there. Default: a copy.
+    `antialias=False` gives torch's plain bilinear kernel (finished as one block).
     """
     if x.dtype != F32 or x.ndim != 3:
         raise ValueError(f"resize_chw expects a float32 [C, H, W] array, got {x.dtype} {x.shape}")
@@ -126,6 +159,11 @@ def resize_chw(x: np.ndarray, out_h: int, out_w: int, out: np.ndarray | None = N
     if out is None:
         out = np.empty((c, out_h, out_w), F32)
     finish = finish or _copy
+    if not antialias:
+        _check_sizes(h, out_h)
+        _check_sizes(w, out_w)
+        finish(_resize_bilinear(x, out_h, out_w), out)
+        return out
     # Width pass: rows of all channels at once, [C*H, W] @ [W_window, block].
     if w != out_w:
         flat = np.ascontiguousarray(x).reshape(c * h, w)

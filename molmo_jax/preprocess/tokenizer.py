@@ -35,8 +35,20 @@ def _special_token(value):
     return value
 
 
-def _read_special_names(folder: str) -> dict:
-    """eos/bos token strings from tokenizer_config.json and special_tokens_map.json, if present."""
+def load_tokenizer_file(path: str) -> tuple[tokenizers.Tokenizer, str, str]:
+    """(the `tokenizers` object, its tokenizer.json, the folder holding it) of a folder or a tokenizer.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise TokenizerError(f"no tokenizer.json at {file!r}")
+    try:
+        return tokenizers.Tokenizer.from_file(file), file, folder
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise TokenizerError(f"{file}: cannot be loaded by the tokenizers library ({e})") from None
+
+
+def read_special_names(folder: str) -> dict:
+    """eos/bos/pad token strings from tokenizer_config.json and special_tokens_map.json, if present."""
     names = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
         path = os.path.join(folder, fname)
@@ -47,7 +59,7 @@ def _read_special_names(folder: str) -> dict:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise TokenizerError(f"{path}: unreadable JSON ({e})") from None
-        for key in ("eos_token", "bos_token"):
+        for key in ("eos_token", "bos_token", "pad_token"):
             tok = _special_token(d.get(key))
             if tok and key not in names:
                 names[key] = tok
@@ -62,21 +74,14 @@ class MolmoTokenizer:
     """
 
     def __init__(self, path: str, vocab_size: int):
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise TokenizerError(f"no tokenizer.json at {file!r}")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises its own Exception type
-            raise TokenizerError(f"{file}: cannot be loaded by the tokenizers library ({e})") from None
+        self._tok, file, folder = load_tokenizer_file(path)
         self.path = file
         self.base_size = self._tok.get_vocab_size(with_added_tokens=True)
         if self.base_size > vocab_size:
             raise TokenizerError(f"{file}: the tokenizer has {self.base_size} tokens, more than the "
                                  f"model's vocab_size {vocab_size}")
         self.vocab_size = int(vocab_size)
-        names = _read_special_names(folder)
+        names = read_special_names(folder)
         eos_name = names.get("eos_token")
         if eos_name is None and self._tok.token_to_id("<|endoftext|>") is not None:
             eos_name = "<|endoftext|>"
