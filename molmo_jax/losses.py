@@ -71,9 +71,8 @@ def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=No
     dropped_loss_tokens}). The head runs only at weighted positions (`sparse_loss`, at most
     `max_loss_tokens` of them; 0 = every position); `normalizer` is the whole batch's weight when
     this is one micro-batch of several."""
-    out = model(batch["input_ids"], batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"),
-                position_ids=batch.get("position_ids"), subsegment_ids=batch.get("subsegment_ids"),
-                response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
+    inputs = {k: batch[k] for k in type(model).INPUTS if batch.get(k) is not None}  # the family's own names
+    out = model(**inputs, response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
     max_tokens = max_loss_tokens or batch["input_ids"].size
     loss, z, w, dropped = sparse_loss(model.llm.logits, out["hidden"], batch["target_tokens"], batch["loss_masks"],
                                       max_tokens, normalizer)
