@@ -230,3 +230,48 @@ def test_greedy_generation_matches_transformers(models, kind):
         got = out["tokens"][i][:out["lengths"][i]]
         print(f"{kind} row {i}: {got.tolist()}")
         np.testing.assert_array_equal(got, want)
+
+
+def test_fused_attention_matches_dense(models):
+    """model.attention="fused" (splash in Pallas interpret mode here) runs the decoder's causal +
+    image-group mask through the kernel's dynamic-mask branch and the ViT's through the static one:
+    the same logits as the dense core up to the order of sums (f32)."""
+    _, _, cfg, model = models("qwen3")
+    fused_cfg = tiny_config("qwen3")
+    fused_cfg.attention = "fused"
+    fused = model_from_flat(fused_cfg, model_to_flat(model))
+    ours_in, _ = case_inputs(cfg, "two_images")
+    diff = max_diff(our_logits(fused, ours_in), our_logits(model, ours_in), ours_in["input_ids"])
+    assert diff <= 1e-5, diff
+
+
+def test_training_loss_takes_the_batch_by_name(models):
+    """losses.training_loss on a Molmo2 batch (the family's own input names) is the weighted
+    cross-entropy of transformers' logits."""
+    from molmo_jax import losses
+
+    hf, _, cfg, model = models("olmo")
+    ours_in, theirs_in = case_inputs(cfg, "padded_batch")
+    ids = ours_in["input_ids"]
+    targets = np.where(ids[:, 1:] >= 0, ids[:, 1:], -1)
+    targets = np.concatenate([targets, np.full((len(ids), 1), -1)], axis=1)
+    weights = (targets >= 0) & (targets < cfg.llm.vocab_size)  # text targets only
+    batch = {**ours_in, "target_tokens": targets, "loss_masks": weights.astype(np.float32)}
+    total, parts = losses.training_loss(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    ref = hf_logits(hf, theirs_in).astype(np.float64)
+    lse = np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1)) + ref.max(-1)
+    picked = np.take_along_axis(ref, np.where(weights, targets, 0)[..., None], axis=-1)[..., 0]
+    want = float(np.sum((lse - picked) * weights) / np.sum(weights))
+    assert abs(float(parts["loss"]) - want) <= 1e-5, (float(parts["loss"]), want)
+    assert float(total) > float(parts["loss"])  # the z-loss is added
+
+
+def test_token_count_mismatch_is_one_clear_error(models):
+    from molmo_jax.models.molmo2 import check_token_counts
+
+    _, _, cfg, _ = models("qwen3")
+    ours_in, _ = case_inputs(cfg, "one_image")
+    check_token_counts(cfg, ours_in)
+    short = dict(ours_in, image_token_pooling=ours_in["image_token_pooling"][:-1])
+    with pytest.raises(ValueError, match="image_token_pooling has 11 non-empty rows but input_ids holds 12"):
+        check_token_counts(cfg, short)

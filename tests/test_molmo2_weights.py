@@ -72,7 +72,7 @@ def test_import_export_from_pretrained_and_back_bit_identical(saved, tmp_path):
             == json.loads((tmp_path / "again" / "config.json").read_text()))
 
 
-RELEASED_FORM = {  # the remote-code config.json layout of the released checkpoints, Molmo2-8B's sizes
+RELEASED_FORM = {  # laid out as the released (remote-code) config.json files, with the molmo2_8b preset's numbers
     "model_type": "molmo2", "architectures": ["Molmo2ForConditionalGeneration"],
     "image_start_token_id": 151936, "low_res_image_start_token_id": 151940, "image_end_token_id": 151937,
     "image_patch_id": 151938, "frame_start_token_id": 151943, "frame_end_token_id": 151944,
