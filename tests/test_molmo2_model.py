@@ -275,3 +275,21 @@ def test_token_count_mismatch_is_one_clear_error(models):
     short = dict(ours_in, image_token_pooling=ours_in["image_token_pooling"][:-1])
     with pytest.raises(ValueError, match="image_token_pooling has 11 non-empty rows but input_ids holds 12"):
         check_token_counts(cfg, short)
+
+
+def test_forward_tool_on_transformers_inputs(models, tmp_path):
+    """python -m tools.forward on a save_pretrained directory and transformers' input arrays (the
+    grids and crop counts included) writes transformers' logits."""
+    from tools import forward
+
+    hf, path, cfg, _ = models("qwen3")
+    _, theirs = case_inputs(cfg, "padded_batch")
+    theirs["image_num_crops"] = np.array([3, 2])
+    np.savez(tmp_path / "in.npz", **theirs)
+    forward.main([str(path), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")])
+    got = np.load(tmp_path / "out.npz")["logits"]
+    ids = np.where(theirs["attention_mask"] > 0, theirs["input_ids"], -1)
+    assert max_diff(got, hf_logits(hf, theirs), ids) <= TOL
+    np.savez(tmp_path / "bad.npz", **dict(theirs, image_token_pooling=theirs["image_token_pooling"][:-1]))
+    with pytest.raises(SystemExit, match="image_token_pooling has 19 non-empty rows but input_ids holds 20"):
+        forward.main([str(path), "--inputs", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o.npz")])
