@@ -105,5 +105,23 @@ class Decoder(nnx.Module):
                                 unroll=self.cfg.get("scan_unroll", 1))
         return self.ln_f(x), hidden
 
+    def outputs(self, x, positions, mask, *, response_mask=None, dropout_rng=None, return_hidden=False,
+                return_logits=True) -> dict:
+        """What every model family returns, from input embeddings x [B, T, d]: `hidden` (after ln_f),
+        `logits`, and with `return_hidden` `hidden_states` (input of each block plus the final one)
+        and `input_embeddings`. With `dropout_rng`, residual dropout at the rates of the config."""
+        drop_rates = None
+        if dropout_rng is not None:
+            drop_rates = residual_drop_rates(self.cfg.llm, x.shape[:2], response_mask)
+        h, hidden = self(x, positions, mask, drop_rates=drop_rates, dropout_rng=dropout_rng,
+                         return_hidden=return_hidden)
+        out = {"hidden": h}
+        if return_logits:
+            out["logits"] = self.logits(h)
+        if return_hidden:
+            out["hidden_states"] = jnp.concatenate([hidden, h[None]], axis=0)
+            out["input_embeddings"] = x
+        return out
+
     def logits(self, h):
         return self.ff_out(h)

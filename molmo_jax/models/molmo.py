@@ -19,7 +19,7 @@ from flax import nnx
 from molmo_jax import config as config_lib
 from molmo_jax.layers.attention import attention_mask, positions_from_mask
 from molmo_jax.layers.core import Dense, init_mode, param
-from molmo_jax.layers.decoder import Decoder, residual_drop_rates
+from molmo_jax.layers.decoder import Decoder
 from molmo_jax.layers.mlp import swiglu
 from molmo_jax.layers.pooling import attention_pool, grid_windows, window_query
 from molmo_jax.layers.vit import VisionTransformer
@@ -180,15 +180,5 @@ class Molmo(nnx.Module):
         if dropout_rng is not None:
             dropout_rng, image_rng = jax.random.split(dropout_rng)
         x = self.embed_inputs(input_ids, images, image_masks, image_input_idx, image_rng)
-        drop_rates = None
-        if dropout_rng is not None:
-            drop_rates = residual_drop_rates(self.cfg.llm, input_ids.shape, response_mask)
-        h, hidden = self.llm(x, position_ids, mask, drop_rates=drop_rates, dropout_rng=dropout_rng,
-                                return_hidden=return_hidden)
-        out = {"hidden": h}
-        if return_logits:
-            out["logits"] = self.llm.logits(h)
-        if return_hidden:
-            out["hidden_states"] = jnp.concatenate([hidden, h[None]], axis=0)
-            out["input_embeddings"] = x
-        return out
+        return self.llm.outputs(x, position_ids, mask, response_mask=response_mask, dropout_rng=dropout_rng,
+                                return_hidden=return_hidden, return_logits=return_logits)

@@ -16,7 +16,6 @@ The k-th non-empty pooling row goes to the k-th `image_patch` token of the batch
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -24,7 +23,7 @@ from molmo_jax import config as config_lib
 from molmo_jax import config_molmo2
 from molmo_jax.layers.attention import Mask, positions_from_mask
 from molmo_jax.layers.core import Dense, init_mode
-from molmo_jax.layers.decoder import Decoder, residual_drop_rates
+from molmo_jax.layers.decoder import Decoder
 from molmo_jax.layers.mlp import swiglu
 from molmo_jax.layers.pooling import attention_pool
 from molmo_jax.layers.vit import VisionTransformer
@@ -71,10 +70,9 @@ class Molmo2(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        parts = (VisionTransformer, Adapter, Decoder)  # Molmo's three, in its order
         with init_mode(cfg.get("init", "normal")):
-            self.vision = VisionTransformer(cfg, rngs=rngs)
-            self.connector = Adapter(cfg, rngs=rngs)
-            self.llm = Decoder(cfg, rngs=rngs)
+            self.vision, self.connector, self.llm = (part(cfg, rngs=rngs) for part in parts)
 
     # -- pieces, also used by tests and tools --------------------------------------------------
     def image_features(self, pixel_values, pooling):
@@ -121,18 +119,8 @@ class Molmo2(nnx.Module):
             position_ids = positions_from_mask(valid)
         mask = Mask(causal=True, kv_valid=valid, groups=self.token_groups(dict(mm_token_type_ids=mm_token_type_ids)))
         x = self.embed_inputs(input_ids, pixel_values, image_token_pooling, pixel_values_videos, video_token_pooling)
-        drop_rates = None
-        if dropout_rng is not None:
-            drop_rates = residual_drop_rates(self.cfg.llm, input_ids.shape, response_mask)
-        h, hidden = self.llm(x, position_ids, mask, drop_rates=drop_rates, dropout_rng=dropout_rng,
-                             return_hidden=return_hidden)
-        out = {"hidden": h}
-        if return_logits:
-            out["logits"] = self.llm.logits(h)
-        if return_hidden:
-            out["hidden_states"] = jnp.concatenate([hidden, h[None]], axis=0)
-            out["input_embeddings"] = x
-        return out
+        return self.llm.outputs(x, position_ids, mask, response_mask=response_mask, dropout_rng=dropout_rng,
+                                return_hidden=return_hidden, return_logits=return_logits)
 
 
 def add_at_tokens(x, is_patch, feats, made):
