@@ -279,12 +279,16 @@ def test_token_count_mismatch_is_one_clear_error(models):
 
 def test_forward_tool_on_transformers_inputs(models, tmp_path):
     """python -m tools.forward on a save_pretrained directory and transformers' input arrays (the
-    grids and crop counts included) writes transformers' logits."""
+    grids and crop counts included) writes transformers' logits, also for a left-padded row (whose
+    positions transformers' forward counts from the padding, docs/architecture.md#m5-positions-of-a-plain-forward)."""
     from tools import forward
 
     hf, path, cfg, _ = models("qwen3")
     _, theirs = case_inputs(cfg, "padded_batch")
     theirs["image_num_crops"] = np.array([3, 2])
+    pad = int((theirs["attention_mask"][1] == 0).sum())
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):  # row 1: padding on the left
+        theirs[name][1] = np.roll(theirs[name][1], pad)
     np.savez(tmp_path / "in.npz", **theirs)
     forward.main([str(path), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")])
     got = np.load(tmp_path / "out.npz")["logits"]
