@@ -49,6 +49,8 @@ def test_save_pretrained_directory_is_read_whatever_the_embedding_split(saved):
 def test_import_export_from_pretrained_and_back_bit_identical(saved, tmp_path):
     hf, path = saved
     convert.main(["import", str(path), str(tmp_path / "ours"), "--no-progress"])
+    direct, imported = (model_to_flat(weights.load(p)[1]) for p in (path, tmp_path / "ours"))
+    assert direct.keys() == imported.keys() and all(np.array_equal(direct[k], imported[k]) for k in direct)
     convert.main(["export", str(tmp_path / "ours"), str(tmp_path / "hf"), "--shard-size", "100KB", "--no-progress"])
     out = tmp_path / "hf"
     index = json.loads((out / "model.safetensors.index.json").read_text())
