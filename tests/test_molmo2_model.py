@@ -7,7 +7,7 @@ is exercised too. Inputs are built the way transformers' processor lays them out
 pooling tables from its own `arange_for_pooling`, image tokens with `mm_token_type_ids`).
 
 Tolerance: both sides compute in float32 and differ only in the order of sums (XLA vs torch matmuls
-and softmax): measured <= 6e-6 on logits of magnitude ~4. 1e-4 leaves a wide margin, while a wrong
+and softmax): measured <= 1e-5 on logits of magnitude ~4. 1e-4 leaves a wide margin, while a wrong
 mask, RoPE or weight moves logits by more than 1e-2 (the negative controls below).
 """
 import functools
