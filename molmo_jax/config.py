@@ -1,4 +1,5 @@
-"""Model configuration: one schema for every Molmo, and the released presets.
+"""Model configuration: one schema for every Molmo, and the released presets (Molmo2's in
+`molmo_jax.config_molmo2`, reached through `get_config` and `PRESETS` here).
 
 A model config is an `ml_collections.ConfigDict` with four parts that follow the data flow:
 `image` (preprocessing), `vit` (the CLIP encoder), `connector` (pooling + projector) and `llm`
@@ -13,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 
 PRESETS = ("molmoe_1b", "molmo_7b_o", "molmo_7b_d", "molmo_72b", "tiny", "demo", "bench_s")
+MOLMO2_PRESETS = ("molmo2_4b", "molmo2_8b", "molmo2_o_7b", "molmo2_tiny")  # in molmo_jax.config_molmo2
+PRESETS += MOLMO2_PRESETS
 
 # OpenAI CLIP normalisation (docs/architecture.md#letterbox).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -177,6 +180,10 @@ def get_config(name: str) -> ml_collections.ConfigDict:
     """Preset by name, e.g. `get_config("molmo_7b_d")`."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if name in MOLMO2_PRESETS:
+        from molmo_jax import config_molmo2  # it builds on this module
+
+        return getattr(config_molmo2, name)()
     return globals()[name]()
 
 

@@ -33,11 +33,12 @@ import numpy as np
 from flax import nnx
 
 from molmo_jax.layers.attention import KVCache, Mask, positions_from_mask
+from molmo_jax.models.molmo import Molmo
 from molmo_jax.sharding import batch_sharding, constrain, use_mesh
 
 CACHE_BUCKET = 64      # cache lengths are rounded up to a multiple of this (bounded recompilation)
 STOP_CHECK_EVERY = 16  # tokens decoded between two host-side stop-string checks
-MODEL_INPUTS = ("input_ids", "images", "image_masks", "image_input_idx")
+MODEL_INPUTS = Molmo.PROMPT_INPUTS  # a Molmo batch's prompt arrays (other families: their PROMPT_INPUTS)
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
@@ -86,9 +87,9 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
 def _run_blocks(blocks, x, positions, mask, cache, index):
     """x through every block, each reading and updating its layer's cache at slot `index`."""
     new_cache = []
-    for block, layer_cache in zip(blocks, cache):
+    for layer, (block, layer_cache) in enumerate(zip(blocks, cache)):
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x, layer_cache = block(x, positions, mask, cache=layer_cache, cache_index=index)
+        x, layer_cache = block(x, positions, mask, cache=layer_cache, cache_index=index, layer=layer)
         new_cache.append(KVCache(*(constrain(a, CACHE_AXES) for a in layer_cache)))
     return x, new_cache
 
@@ -105,6 +106,8 @@ def decode_step(model, blocks, tokens, positions, cache, slots_valid, slot):
 
 def prefill(model, blocks, batch, cache_len: int):
     """Run the prompt (with images) through the model's blocks, filling slots 0..T-1 of a fresh cache.
+    The model family turns the batch (its `PROMPT_INPUTS`) into embeddings (`embed_batch`) and says
+    which prompt tokens attend to each other both ways (`token_groups`, or None).
     Returns (first-step logits [B, V] at each row's last valid token, cache, last valid position
     [B], slot validity [B, S])."""
     ids = batch["input_ids"]
@@ -112,10 +115,13 @@ def prefill(model, blocks, batch, cache_len: int):
     valid = ids != -1
     positions = positions_from_mask(valid)
     slots_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(valid)  # the slots after the prompt are empty
-    x = model.embed_inputs(ids, batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"))
+    x = model.embed_batch(batch)
+    groups = model.token_groups(batch)
+    if groups is not None:  # generated tokens are text: no group
+        groups = jnp.pad(groups, ((0, 0), (0, cache_len - t)), constant_values=-1)
     l = model.cfg.llm
     empty = [KVCache.empty(b, l.n_kv_heads, cache_len, l.head_dim, x.dtype) for _ in blocks]
-    x, cache = _run_blocks(blocks, x, positions, Mask(causal=True, kv_valid=slots_valid), empty, 0)
+    x, cache = _run_blocks(blocks, x, positions, Mask(causal=True, kv_valid=slots_valid, groups=groups), empty, 0)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     logits = model.llm.logits(model.llm.ln_f(x)[jnp.arange(b), last]).astype(jnp.float32)
     return logits, cache, positions[jnp.arange(b), last], slots_valid
@@ -239,6 +245,7 @@ class Generator:
     def __init__(self, model, eos_id: int, detokenize: Callable[[Sequence[int]], str] | None = None,
                  mesh=None):
         self.cfg = model.cfg
+        self.inputs = type(model).PROMPT_INPUTS
         self.eos_id = int(eos_id)
         self.detokenize = detokenize
         self.mesh = mesh
@@ -270,7 +277,7 @@ class Generator:
         "stop" or "length"), with `return_logits` step_logits [B, N, V] (greedy/sampling only), and
         for beam search beam_tokens [B, K, N] / beam_scores [B, K] of every final beam.
         A `timings` dict gets prefill_s and decode_s (the prefill is then waited for on its own)."""
-        batch = {k: np.asarray(v) for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
+        batch = {k: np.asarray(v) for k, v in batch.items() if k in self.inputs and v is not None}
         vocab = self.cfg.llm.embedding_size
         shapes = {k: v.shape for k, v in batch.items()}
         for bad, why in (("input_ids" not in batch or batch["input_ids"].ndim != 2,

@@ -70,10 +70,15 @@ def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=No
     """The trainer's objective on one (micro-)batch: (loss + z_loss, {loss, z_loss, weight,
     dropped_loss_tokens}). The head runs only at weighted positions (`sparse_loss`, at most
     `max_loss_tokens` of them; 0 = every position); `normalizer` is the whole batch's weight when
-    this is one micro-batch of several."""
-    out = model(batch["input_ids"], batch.get("images"), batch.get("image_masks"), batch.get("image_input_idx"),
-                position_ids=batch.get("position_ids"), subsegment_ids=batch.get("subsegment_ids"),
-                response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
+    this is one micro-batch of several. The model reads the batch arrays its family names (`INPUTS`);
+    any other model input the batch holds (e.g. packed `subsegment_ids` for a family without packing)
+    is refused rather than dropped."""
+    names = type(model).INPUTS
+    unread = [k for k in BATCH_KEYS if batch.get(k) is not None and k not in names + ("target_tokens", "loss_masks")]
+    if unread:
+        raise ValueError(f"{type(model).__name__} does not read {', '.join(unread)} (it reads {', '.join(names)})")
+    inputs = {k: batch[k] for k in names if batch.get(k) is not None}
+    out = model(**inputs, response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
     max_tokens = max_loss_tokens or batch["input_ids"].size
     loss, z, w, dropped = sparse_loss(model.llm.logits, out["hidden"], batch["target_tokens"], batch["loss_masks"],
                                       max_tokens, normalizer)

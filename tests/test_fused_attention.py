@@ -1,5 +1,6 @@
 """Fused attention (layers.fused_attention: splash attention, here in Pallas interpret mode on the CPU)
-against the dense core, forward and gradients, for every mask the model uses."""
+against the dense core, forward and gradients, for every mask the models use (Molmo2's bidirectional
+image groups included)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,10 +25,33 @@ def inputs(dtype=jnp.float32, t=T):
     return q, k, v, jnp.asarray(valid), jnp.asarray(seg)
 
 
+def image_groups(t=T):
+    """Molmo2's image tokens: example 0 has two images in one group (text between them), example 1
+    two groups (the Mask allows any ids; -1 = text), one straddling its left padding."""
+    groups = np.full((B, t), -1, np.int32)
+    groups[0, 5:40], groups[0, 60:90] = 0, 0
+    groups[1, 5:30], groups[1, 100:140] = 0, 1
+    return jnp.asarray(groups)
+
+
 def masks(valid, seg):
     return {"vit (full)": (Mask(), np.ones(valid.shape, bool)),
             "causal + padding": (attention_mask(valid), np.asarray(valid)),
-            "packed": (attention_mask(valid, seg), np.asarray(valid))}
+            "packed": (attention_mask(valid, seg), np.asarray(valid)),
+            "image groups": (Mask(causal=True, kv_valid=valid, groups=image_groups(valid.shape[1])),
+                             np.asarray(valid))}
+
+
+def test_image_groups_see_each_other_both_ways():
+    """The dense mask of a Molmo2 prompt: causal, plus every pair of tokens in one group (either
+    direction), never a padded key and never a text token's future."""
+    _, _, _, valid, _ = inputs()
+    groups = np.asarray(image_groups())
+    dense = np.asarray(Mask(causal=True, kv_valid=valid, groups=jnp.asarray(groups)).dense(T, T))[:, 0, 0]
+    q, kk = np.arange(T)[:, None], np.arange(T)[None, :]
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    np.testing.assert_array_equal(dense, ((kk <= q)[None] | same) & np.asarray(valid)[:, None, :])
+    assert dense[0, 5, 89] and dense[0, 60, 39] and not dense[0, 45, 60] and not dense[1, 10, 100]
 
 
 def compare(dtype, atol, grad_atol, mesh=None):

@@ -1,4 +1,4 @@
-"""Convert Molmo checkpoints between PyTorch and molmo_jax.
+"""Convert Molmo and Molmo2 checkpoints between PyTorch and molmo_jax.
 
     python -m tools.convert import SRC DST [--config FILE|PRESET] [--dtype D] [--mesh data=1,fsdp=4,tensor=2]
     python -m tools.convert export SRC DST [--format hf|state_dict] [--dtype D] [--shard-size 5GB]
@@ -6,8 +6,11 @@
     python -m tools.convert init-from-base --vit CLIP_DIR --llm LLM_DIR DST [--vit-layers -2,-9] [--seed 0]
 
 import: SRC is a released HF Molmo directory, an original-repo directory (config.json +
-model.safetensors) or a state dict file (.safetensors, or .bin/.pt read with weights_only=True).
-export: SRC is a molmo_jax model directory, a training directory (latest step) or a step directory.
+model.safetensors), a transformers Molmo2 directory (config.json model_type "molmo2", as
+`save_pretrained` writes it or as released) or a state dict file (.safetensors, or .bin/.pt read
+with weights_only=True).
+export: SRC is a molmo_jax model directory, a training directory (latest step) or a step directory;
+a Molmo2 becomes a directory that transformers' Molmo2ForConditionalGeneration.from_pretrained loads.
 Every command validates first and writes DST atomically; an existing DST needs --overwrite.
 """
 from __future__ import annotations
@@ -30,8 +33,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="PyTorch Molmo -> molmo_jax model directory")
-    p.add_argument("src", help="released HF or original-repo Molmo directory, or a state dict file")
+    p = sub.add_parser("import", help="PyTorch Molmo / Molmo2 -> molmo_jax model directory")
+    p.add_argument("src", help="released HF or original-repo Molmo directory, transformers Molmo2 directory, "
+                               "or a state dict file")
     p.add_argument("dst", help="the molmo_jax model directory to write")
     p.add_argument("--config", help="config.json (original, HF or molmo_jax) or preset name, for a bare state dict")
     p.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's)")

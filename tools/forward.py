@@ -1,14 +1,19 @@
-"""Run the Molmo forward pass of a PyTorch-format model directory on golden-style inputs.
+"""Run the forward pass of a model directory on reference-style inputs.
 
     python -m tools.forward MODEL_DIR --inputs INPUTS.npz --out OUT.npz [--dtype bfloat16] [--grads]
 
-INPUTS.npz uses the golden layout: `input_ids`, `images`, `image_masks`, `image_input_idx`, and
+Molmo: INPUTS.npz uses the golden layout: `input_ids`, `images`, `image_masks`, `image_input_idx`, and
 optionally the `batch2_*` (a padded batch) and `loss_*` (training example: `loss_input_ids`,
 `loss_labels`, `loss_masks`) variants. OUT.npz gets `logits`, `connector_output`, and
 `batch2_logits` / `loss` / `z_loss` when their inputs are present. With `--grads`, OUT.npz also gets
 `grad/<name>` for every parameter: the gradient of the training loss of the `loss_*` example (the
 trainer's own loss path, without the z-loss), in the original's parameter names (no `model.` prefix)
-and PyTorch layout, as the golden `grads.npz`. MODEL_DIR may be any checkpoint `weights.load` reads.
+and PyTorch layout, as the golden `grads.npz`.
+
+Molmo2: INPUTS.npz holds transformers' Molmo2 input names (`MOLMO2_INPUTS`: input_ids, pixel_values,
+image_token_pooling, ..., attention_mask, mm_token_type_ids); OUT.npz gets `logits`, computed as
+transformers' forward computes them (keys with attention_mask 0 masked, positions 0..T-1 unless
+`position_ids` is given). MODEL_DIR may be any checkpoint `weights.load` reads.
 """
 from __future__ import annotations
 
@@ -19,16 +24,24 @@ import time
 import numpy as np
 
 REQUIRED = ("input_ids", "images", "image_masks", "image_input_idx")
+MOLMO2_INPUTS = ("input_ids", "pixel_values", "image_token_pooling", "image_grids", "image_num_crops",
+                 "pixel_values_videos", "video_token_pooling", "video_grids", "attention_mask", "mm_token_type_ids",
+                 "position_ids")
 
 
-def read_inputs(path) -> dict:
+def load_npz(path) -> dict:
     try:
         with np.load(path) as f:
-            data = dict(f)
+            return dict(f)
     except FileNotFoundError:
         raise SystemExit(f"error: {path}: no such file")
     except Exception as e:  # zip/pickle errors of a file that is not an npz
         raise SystemExit(f"error: {path}: not a readable .npz file ({e})")
+
+
+def read_inputs(path, data=None) -> dict:
+    """A Molmo golden-layout inputs file, checked."""
+    data = load_npz(path) if data is None else data
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise SystemExit(f"error: {path}: missing arrays {', '.join(missing)} (has {', '.join(sorted(data))})")
@@ -66,10 +79,42 @@ def loss_gradients(cfg, model, data) -> dict:
     return {f"grad/{k}": v for k, v in to_torch(molmo_mapping.rules(cfg), grads).items()}
 
 
+def molmo2_logits(cfg, model, data, path) -> np.ndarray:
+    """Logits of a Molmo2 on transformers' input arrays, as transformers' forward computes them."""
+    import jax
+    from flax import nnx
+
+    from molmo_jax.models.molmo2 import check_token_counts
+
+    unknown = sorted(set(data) - set(MOLMO2_INPUTS))
+    if unknown or "input_ids" not in data:
+        raise SystemExit(f"error: {path}: a Molmo2 takes input_ids and {', '.join(MOLMO2_INPUTS[1:])}; "
+                         f"got {', '.join(sorted(data))}")
+    ids = np.asarray(data["input_ids"])
+    if ids.ndim != 2:
+        raise SystemExit(f"error: {path}: input_ids must be [B, T], got {ids.shape}")
+    if "attention_mask" in data:
+        ids = np.where(np.asarray(data["attention_mask"]) > 0, ids, -1)
+    positions = data.get("position_ids", np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    inputs = {k: data[k] for k in type(model).PROMPT_INPUTS if k in data and k != "input_ids"}
+    try:
+        check_token_counts(cfg, dict(inputs, input_ids=ids))
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, positions, inputs):
+        return nnx.merge(graphdef, state)(ids, position_ids=positions, **inputs)["logits"]
+
+    return np.asarray(run(state, ids, np.asarray(positions, np.int32), inputs), np.float32)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.forward", description=__doc__.split("\n")[0])
-    parser.add_argument("model_dir", help="PyTorch-format Molmo directory (original or released HF form)")
-    parser.add_argument("--inputs", required=True, help="golden-style inputs .npz")
+    parser.add_argument("model_dir", help="a checkpoint (Molmo: original or released HF form; Molmo2: transformers')")
+    parser.add_argument("--inputs", required=True,
+                        help="inputs .npz (Molmo: golden layout; Molmo2: transformers' names)")
     parser.add_argument("--out", required=True, help="where to write the outputs .npz")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--grads", action="store_true",
@@ -83,15 +128,25 @@ def main(argv=None):
     from molmo_jax import weights
     from molmo_jax.weights import WeightsError
 
-    data = read_inputs(args.inputs)
-    if args.grads and "loss_input_ids" not in data:
-        raise SystemExit(f"error: {args.inputs}: --grads needs the training example (loss_input_ids, loss_labels, "
-                         "loss_masks)")
+    from molmo_jax.models import family_of
+
+    data = load_npz(args.inputs)
     t0 = time.time()
     try:
         cfg, model = weights.load(args.model_dir, dtype=args.dtype, compute_dtype=args.dtype)
     except WeightsError as e:
         raise SystemExit(f"error: {e}")
+    if family_of(cfg) == "molmo2":
+        if args.grads:
+            raise SystemExit("error: --grads is for Molmo checkpoints (the golden gradients)")
+        logits = molmo2_logits(cfg, model, data, args.inputs)
+        np.savez(args.out, logits=logits)
+        print(f"{cfg.name}: logits {logits.shape}; wrote {args.out} in {time.time() - t0:.1f}s")
+        return 0
+    data = read_inputs(args.inputs, data)
+    if args.grads and "loss_input_ids" not in data:
+        raise SystemExit(f"error: {args.inputs}: --grads needs the training example (loss_input_ids, loss_labels, "
+                         "loss_masks)")
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -29,15 +29,25 @@ class Block(nnx.Module):
         self.attn = Attention(lcfg, impl=attention, **kw)
         self.ffn = MoE(lcfg, **kw) if lcfg.moe_num_experts else MLP(lcfg, **kw)
 
-    def __call__(self, x, positions, mask, drop_rates=None, rng=None, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, drop_rates=None, rng=None, cache=None, cache_index=None, layer=None):
+        """`layer`: this block's index (read by RoPE scaled on some layers only)."""
         rngs = jax.random.split(rng, 3) if rng is not None else (None, None, None)
         if self.norm_after:  # OLMo-7B-1024: norms on the sublayer outputs, none on the inputs
-            a, cache = self.attn(x, positions, mask, cache, cache_index, rngs[2])
+            a, cache = self.attn(x, positions, mask, cache, cache_index, rngs[2], layer)
             h = x + _dropout(self.attn_norm(a), drop_rates, rngs[0])
             return h + _dropout(self.ff_norm(self.ffn(h)), drop_rates, rngs[1]), cache
-        a, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, rngs[2])
+        a, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, rngs[2], layer)
         h = x + _dropout(a, drop_rates, rngs[0])
         return h + _dropout(self.ffn(self.ff_norm(h)), drop_rates, rngs[1]), cache
+
+
+def residual_drop_rates(lcfg, shape, response_mask=None):
+    """Per-position residual dropout rates [B, T, 1]: `residual_dropout`, or on response tokens
+    `response_residual_dropout` (docs/architecture.md#dropout)."""
+    rates = jnp.full(shape, lcfg.residual_dropout, jnp.float32)
+    if response_mask is not None:
+        rates = jnp.where(response_mask, lcfg.response_residual_dropout, rates)
+    return rates[..., None]
 
 
 def _dropout(y, rates, rng):
@@ -82,15 +92,36 @@ class Decoder(nnx.Module):
         with `return_hidden`, the input of every block, [n_layers, B, T, d]."""
         n = self.cfg.llm.n_layers
         keys = jax.random.split(dropout_rng, n) if dropout_rng is not None else None
+        # the layer index rides along only when RoPE is scaled on some layers (Molmo2-O)
+        layers = jnp.arange(n) if self.blocks.attn.rope_layers is not None else None
 
-        def body(h, block, key):
+        def body(h, block, xs):
+            key, layer = xs
             h = constrain(h, ("batch", "seq", "act_embed"))  # block boundary: batch-sharded activations
-            out, _ = block(h, positions, mask, drop_rates, key)
+            out, _ = block(h, positions, mask, drop_rates, key, layer=layer)
             return out, (h if return_hidden else None)
 
-        x, hidden = scan_layers(body, x, self.blocks, xs=keys, remat=self.cfg.remat,
+        x, hidden = scan_layers(body, x, self.blocks, xs=(keys, layers), remat=self.cfg.remat,
                                 unroll=self.cfg.get("scan_unroll", 1))
         return self.ln_f(x), hidden
+
+    def outputs(self, x, positions, mask, *, response_mask=None, dropout_rng=None, return_hidden=False,
+                return_logits=True) -> dict:
+        """What every model family returns, from input embeddings x [B, T, d]: `hidden` (after ln_f),
+        `logits`, and with `return_hidden` `hidden_states` (input of each block plus the final one)
+        and `input_embeddings`. With `dropout_rng`, residual dropout at the rates of the config."""
+        drop_rates = None
+        if dropout_rng is not None:
+            drop_rates = residual_drop_rates(self.cfg.llm, x.shape[:2], response_mask)
+        h, hidden = self(x, positions, mask, drop_rates=drop_rates, dropout_rng=dropout_rng,
+                         return_hidden=return_hidden)
+        out = {"hidden": h}
+        if return_logits:
+            out["logits"] = self.logits(h)
+        if return_hidden:
+            out["hidden_states"] = jnp.concatenate([hidden, h[None]], axis=0)
+            out["input_embeddings"] = x
+        return out
 
     def logits(self, h):
         return self.ff_out(h)

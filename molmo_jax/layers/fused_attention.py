@@ -5,8 +5,9 @@ the one attention core (`layers.attention.attend`, config `model.attention`).
         head (grouped-query heads as its multi-query form), blocks of 128-512 tokens. Sequences are
         padded to a multiple of 128 and the padding masked (the ViT's 577 tokens become 640).
         Masks: causal or full, with valid keys as segment ids; packed conversations
-        (docs/architecture.md#packing) as a dynamic mask of one boolean per query and key and
-        example (not per head), from which the kernel skips every fully masked block.
+        (docs/architecture.md#packing) and bidirectional groups (the image tokens of a Molmo2
+        prompt) as a dynamic mask of one boolean per query and key and example (not per head),
+        built by `Mask.dense`, from which the kernel skips every fully masked block.
   GPU   cuDNN through `jax.nn.dot_product_attention` (bfloat16 / float16; float32 stays dense).
   CPU   the splash kernel in Pallas interpret mode, for tests only: "auto" is dense on CPUs.
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from molmo_jax import sharding
+from molmo_jax.layers.attention import Mask
 
 BLOCK = 128  # sequences are padded to a multiple of this; blocks are 128, 256 or 512 tokens
 
@@ -65,10 +67,10 @@ def _pad(x, length: int, axis: int, value=0):
 def splash(q, k, v, mask, interpret: bool = False):
     """q [B, T, Hq, d], k / v [B, S, Hkv, d] -> [B, T, Hq, d] by splash attention under `mask`."""
     return _per_shard(functools.partial(_splash_local, causal=mask.causal, interpret=interpret),
-                      q, k, v, mask.kv_valid, mask.segments)
+                      q, k, v, mask.kv_valid, mask.segments, mask.groups)
 
 
-def _splash_local(q, k, v, kv_valid, segments, *, causal: bool, interpret: bool):
+def _splash_local(q, k, v, kv_valid, segments, groups, *, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, t, hq, d = q.shape
@@ -83,18 +85,18 @@ def _splash_local(q, k, v, kv_valid, segments, *, causal: bool, interpret: bool)
     kv_valid = _pad(jnp.ones((b, s), bool) if kv_valid is None else kv_valid, sp, 1, False)
     kwargs = dict(block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
-    if segments is not None:  # packed: one boolean per (query, key) of each example, shared by heads
-        segments = _pad(segments, tp, 1, -1)
-        causal_mask = jnp.tril(jnp.ones((tp, sp), bool)) if causal else jnp.ones((tp, sp), bool)
+    if segments is not None or groups is not None:  # one boolean per (query, key) of each example, shared by heads
+        segments, groups = (None if a is None else _pad(a, sp, 1, -1) for a in (segments, groups))
 
-        def one_example(q, k, v, valid, seg):
-            allowed = causal_mask & valid[None, :] & (seg[:, None] <= _pad(seg, sp, 0, -1)[None, :])
+        def one_example(q, k, v, valid, seg, grp):
+            one = lambda a: None if a is None else a[None]  # noqa: E731
+            allowed = Mask(causal, valid[None], one(seg), one(grp)).dense(tp, sp)[0, 0, 0]
             kernel = sa.make_splash_mqa(allowed[None], **kwargs)
             # The kernel turns every MaskInfo field into an array, also the flag it branches on in
             # Python; under jit that flag is a tracer, so it is set back to the constant it is.
             kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
             return jax.vmap(kernel)(q, k, v)
-        out = jax.vmap(one_example)(q, k, v, kv_valid, segments)
+        out = jax.vmap(one_example)(q, k, v, kv_valid, segments, groups)
     else:
         static = (sa.CausalMask((tp, sp)) if causal else sa.FullMask((tp, sp)))
         kernel = sa.make_splash_mqa(sa.MultiHeadMask([static] * (hq // hkv)), **kwargs)
@@ -122,17 +124,17 @@ def cudnn(q, k, v, mask):
 # ------------------------------------------------------------------------------------------------
 # Sharding: the kernel sees one shard
 
-def _per_shard(fn, q, k, v, kv_valid, segments):
+def _per_shard(fn, q, k, v, kv_valid, segments, groups):
     mesh = sharding.current_mesh()
     if mesh is None:
-        return fn(q, k, v, kv_valid, segments)
+        return fn(q, k, v, kv_valid, segments, groups)
     batch = sharding.spec_for(("batch",), (q.shape[0],), mesh)[0]
     tensor = mesh.shape.get("tensor", 1)
     heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
     qkv = P(batch, None, heads, None)
     vec = P(batch, None)
-    args = (q, k, v, kv_valid, segments)
-    specs = (qkv, qkv, qkv, vec, vec)
+    args = (q, k, v, kv_valid, segments, groups)
+    specs = (qkv, qkv, qkv, vec, vec, vec)
     present = [i for i, a in enumerate(args) if a is not None]
 
     def local(*present_args):

@@ -8,6 +8,11 @@ from flax import nnx
 from molmo_jax.layers.core import Dense, kernel_std, param, residual_out_std
 
 
+def swiglu(gate, up, down, x):
+    """down(silu(gate(x)) * up(x)) for any three projections."""
+    return down(jax.nn.silu(gate(x)) * up(x))
+
+
 class MLP(nnx.Module):
     """SwiGLU: silu(gate(x)) * up(x). The original's fused ff_proj is [up | gate]
     (docs/architecture.md#conventions)."""
@@ -20,7 +25,7 @@ class MLP(nnx.Module):
         self.w_down = Dense(f, d, ("mlp",), ("embed",), std=residual_out_std(f, lcfg.n_layers), **kw)
 
     def __call__(self, x):
-        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+        return swiglu(self.w_gate, self.w_up, self.w_down, x)
 
 
 class MoE(nnx.Module):

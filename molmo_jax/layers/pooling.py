@@ -1,10 +1,11 @@
-"""Pooling patch features by attention: windows of the patch grid, each pooled to one vector by a
-multi-head attention whose query is the window's mean (or its first member)."""
+"""Pooling patch features by attention: windows of the patch grid (or, for Molmo2, groups of patches
+named by index tables), each pooled to one vector by a multi-head attention whose query is the
+window's mean (or its first member)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from molmo_jax.layers.attention import attend
+from molmo_jax.layers.attention import Mask, attend
 
 
 def grid_windows(features, grid: tuple[int, int], window: tuple[int, int]):
@@ -26,7 +27,9 @@ def window_query(members, mean: bool = True):
     return jnp.mean(members, axis=1, keepdims=True) if mean else members[:, :1]
 
 
-def attention_pool(wq, wk, wv, wo, members, query):
+def attention_pool(wq, wk, wv, wo, members, query, valid=None):
     """[N, w, F] window members and their [N, 1, F] query -> [N, out]: one multi-head attention per
-    window (q from the query, keys/values from the members), output through wo."""
-    return wo(attend(wq(query), wk(members), wv(members)))[:, 0]
+    window (q from the query, keys/values from the members; `valid` [N, w] masks members), output
+    through wo."""
+    mask = Mask(kv_valid=valid) if valid is not None else None
+    return wo(attend(wq(query), wk(members), wv(members), mask))[:, 0]

@@ -4,6 +4,9 @@ Input: crops as flattened patches [N, P, 588] ((dy, dx, rgb) order, already norm
 Patch embedding without bias, class token, learned positions, `pre_ln`, pre-norm residual blocks
 with biased q/k/v/o and a quick_gelu MLP, and no final norm. The output is the concatenation of the
 block outputs named by `vit_layers` (negative = from the end), CLS row dropped.
+
+Molmo2's SigLIP2 tower is the same stack with other switches in `cfg.vit` (absent = CLIP's):
+`class_token` and `pre_ln` False, `patch_bias` True, `n_kv_heads` (grouped-query heads).
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from molmo_jax.sharding import constrain
 class ViTBlock(nnx.Module):
     def __init__(self, vcfg, *, dtype, param_dtype, rngs, stack=0, attention="auto"):
         d, h, hd, m = vcfg.width, vcfg.n_heads, vcfg.head_dim, vcfg.mlp_dim
+        hkv = vcfg.get("n_kv_heads", h)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack, use_bias=True)
         self.attention_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
         self.wq = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
-        self.wk = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
-        self.wv = Dense(d, (h, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
+        self.wk = Dense(d, (hkv, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
+        self.wv = Dense(d, (hkv, hd), ("vit_embed",), ("vit_heads", "head_dim"), **kw)
         self.wo = Dense((h, hd), d, ("vit_heads", "head_dim"), ("vit_embed",),
                         std=residual_out_std(h * hd, vcfg.n_layers), **kw)
         self.ffn_norm = LayerNorm(d, vcfg.norm_eps, param_dtype=param_dtype, stack=stack)
@@ -47,29 +51,33 @@ class VisionTransformer(nnx.Module):
         dtype, pdt = cfg.dtype, cfg.param_dtype
         ph, pw = config_lib.patches_per_side(cfg)
         patch_dim = v.patch_size * v.patch_size * 3
+        self.class_token = v.get("class_token", True)
         self.patch_embedding = Dense(patch_dim, v.width, ("patch",), ("vit_embed",), dtype=dtype,
-                                     param_dtype=pdt, rngs=rngs)
-        self.class_embedding = param(rngs, (v.width,), ("vit_embed",), pdt, std=embedding_std())
-        self.positional_embedding = param(rngs, (1 + ph * pw, v.width), ("vit_pos", "vit_embed"), pdt,
-                                          std=embedding_std())
-        self.pre_ln = LayerNorm(v.width, v.norm_eps, param_dtype=pdt)
+                                     param_dtype=pdt, rngs=rngs, use_bias=v.get("patch_bias", False))
+        self.class_embedding = (param(rngs, (v.width,), ("vit_embed",), pdt, std=embedding_std())
+                                if self.class_token else None)
+        self.positional_embedding = param(rngs, (int(self.class_token) + ph * pw, v.width),
+                                          ("vit_pos", "vit_embed"), pdt, std=embedding_std())
+        self.pre_ln = LayerNorm(v.width, v.norm_eps, param_dtype=pdt) if v.get("pre_ln", True) else None
         self.blocks = ViTBlock(v, dtype=dtype, param_dtype=pdt, rngs=rngs, stack=v.n_layers,
                                attention=cfg.get("attention", "auto"))
         self.dtype = jnp.dtype(dtype)
 
     def embed(self, patches):
-        """[N, P, 588] -> [N, 1+P, D]: the input of the first block."""
+        """[N, P, 588] -> [N, 1+P, D] (P without a class token): the input of the first block."""
         n = patches.shape[0]
         x = self.patch_embedding(patches)
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1)
+        if self.class_token:
+            cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
         x = x + self.positional_embedding[...].astype(self.dtype)[None, : x.shape[1]]
-        return self.pre_ln(x)
+        return self.pre_ln(x) if self.pre_ln is not None else x
 
     def __call__(self, patches, *, return_all_layers: bool = False):
         """Features of the selected layers, concatenated: [N, P, k*D] (CLS dropped).
 
-        With `return_all_layers`, also returns every block output [n_layers, N, 1+P, D].
+        With `return_all_layers`, also returns every block output [n_layers, N, 1+P, D] (P without
+        a class token).
         Blocks after the last selected one are not run.
         """
         cfg = self.cfg
@@ -84,7 +92,7 @@ class VisionTransformer(nnx.Module):
         if return_all_layers:
             _, hidden = scan_layers(body, x, self.blocks, remat=cfg.remat, unroll=unroll)
             feats = jnp.concatenate([hidden[i] for i in layers], axis=-1)
-            return feats[:, 1:], hidden
+            return feats[:, int(self.class_token):], hidden
         # Run the blocks in segments that end at each needed layer, keeping those outputs.
         outputs, start = {}, 0
         for stop in sorted(set(l + 1 for l in layers)):
@@ -92,4 +100,4 @@ class VisionTransformer(nnx.Module):
                                 unroll=unroll)
             outputs[stop - 1], start = x, stop
         feats = jnp.concatenate([outputs[i] for i in layers], axis=-1)
-        return feats[:, 1:]
+        return feats[:, int(self.class_token):]

@@ -6,6 +6,9 @@ class, in one file (`models/<family>.py`); everything else reaches a model throu
     count_params(model)
 
 `cfg.family` names the family; configs written before families existed have none and are Molmo.
+Every family's model has `llm` (the decoder: `embed`, `blocks`, `ln_f`, `logits`), returns
+{"hidden", "logits", ...} and names the batch arrays it reads (`PROMPT_INPUTS`, `INPUTS`), which
+`embed_batch` and `token_groups` turn into a prompt for `molmo_jax.generate`.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from flax import nnx
 
 from molmo_jax.layers import lora, quant
 from molmo_jax.models.molmo import Molmo
+from molmo_jax.models.molmo2 import Molmo2
 
-FAMILIES = {"molmo": Molmo}
+FAMILIES = {"molmo": Molmo, "molmo2": Molmo2}
 
 
 def family_of(cfg) -> str:

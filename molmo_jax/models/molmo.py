@@ -20,6 +20,7 @@ from molmo_jax import config as config_lib
 from molmo_jax.layers.attention import attention_mask, positions_from_mask
 from molmo_jax.layers.core import Dense, init_mode, param
 from molmo_jax.layers.decoder import Decoder
+from molmo_jax.layers.mlp import swiglu
 from molmo_jax.layers.pooling import attention_pool, grid_windows, window_query
 from molmo_jax.layers.vit import VisionTransformer
 
@@ -105,7 +106,7 @@ class Connector(nnx.Module):
 
     def project(self, x):
         if self.cfg.connector.projector == "mlp":
-            return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+            return swiglu(self.w1, self.w3, self.w2, x)
         return self.w1(x)
 
     def __call__(self, features, images, image_masks, dropout_rng=None):
@@ -121,6 +122,10 @@ class Connector(nnx.Module):
 
 
 class Molmo(nnx.Module):
+    # Batch arrays the model reads by name: for the prompt (generation), and for training.
+    PROMPT_INPUTS = ("input_ids", "images", "image_masks", "image_input_idx")
+    INPUTS = PROMPT_INPUTS + ("position_ids", "subsegment_ids")
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         with init_mode(cfg.get("init", "normal")):
@@ -151,6 +156,15 @@ class Molmo(nnx.Module):
         idx = jnp.where(idx < 0, t, idx)  # negative = skip; out of range + mode="drop" never wraps
         return x.at[jnp.arange(b)[:, None], idx].add(feats, mode="drop")
 
+    def embed_batch(self, batch: dict):
+        """`embed_inputs` of a batch dict (its PROMPT_INPUTS)."""
+        return self.embed_inputs(batch["input_ids"], batch.get("images"), batch.get("image_masks"),
+                                 batch.get("image_input_idx"))
+
+    def token_groups(self, batch: dict):
+        """No prompt tokens attend to each other both ways (the mask is causal)."""
+        return None
+
     # -- forward --------------------------------------------------------------------------------
     def __call__(self, input_ids, images=None, image_masks=None, image_input_idx=None, *,
                  position_ids=None, subsegment_ids=None, response_mask=None, dropout_rng=None,
@@ -166,19 +180,5 @@ class Molmo(nnx.Module):
         if dropout_rng is not None:
             dropout_rng, image_rng = jax.random.split(dropout_rng)
         x = self.embed_inputs(input_ids, images, image_masks, image_input_idx, image_rng)
-        drop_rates = None
-        if dropout_rng is not None:
-            l = self.cfg.llm
-            rates = jnp.full(input_ids.shape, l.residual_dropout, jnp.float32)
-            if response_mask is not None:
-                rates = jnp.where(response_mask, l.response_residual_dropout, rates)
-            drop_rates = rates[..., None]
-        h, hidden = self.llm(x, position_ids, mask, drop_rates=drop_rates, dropout_rng=dropout_rng,
-                                return_hidden=return_hidden)
-        out = {"hidden": h}
-        if return_logits:
-            out["logits"] = self.llm.logits(h)
-        if return_hidden:
-            out["hidden_states"] = jnp.concatenate([hidden, h[None]], axis=0)
-            out["input_embeddings"] = x
-        return out
+        return self.llm.outputs(x, position_ids, mask, response_mask=response_mask, dropout_rng=dropout_rng,
+                                return_hidden=return_hidden, return_logits=return_logits)

@@ -1,10 +1,12 @@
 """`export`: one of this project's checkpoints (model directory or training run) -> the released
-Hugging Face layout, or one state dict file.
+Hugging Face layout of its family (Molmo: the remote-code release; Molmo2: transformers'
+Molmo2ForConditionalGeneration), or one state dict file.
 
 Output (format "hf"): `config.json` in the released format plus the `"molmo_jax"` extras,
 `model-0000k-of-0000n.safetensors` shards of at most `shard_size` bytes of tensor data, and
-`model.safetensors.index.json` (metadata.total_size, weight_map); keys are `model.<original key>`.
-Format "state_dict": one safetensors file with the same keys, the molmo_jax config in its header.
+`model.safetensors.index.json` (metadata.total_size, weight_map); keys are the family mapping's
+(Molmo: `model.<original key>`). Format "state_dict": one safetensors file with the same keys, the
+molmo_jax config in its header.
 
 Everything is planned from metadata before writing (keys, shapes, dtypes, shard boundaries); then
 each mapping rule runs layer by layer, reading only that layer's slice of the stacked orbax leaves,
@@ -22,7 +24,7 @@ from molmo_jax.layers import lora
 from molmo_jax.weights.configs import config_from_dict, config_to_json
 from molmo_jax.weights.errors import WeightsError, read_json
 from molmo_jax.weights.locate import CONFIG, TOKENIZER, find_checkpoint
-from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights.mappings import for_config
 from molmo_jax.weights.orbax_io import check_stored_params
 from molmo_jax.weights.params import uniform_dtype
 from molmo_jax.weights.pytorch import CONFIG_METADATA_KEY
@@ -33,7 +35,6 @@ from molmo_jax.weights.writing import Progress, Summary, atomic_output, check_de
 
 FORMATS = ("hf", "state_dict")
 REMOTE_CODE_FILES = ("*.py", "preprocessor_config.json", "processor_config.json", "generation_config.json")
-PREFIX = molmo_mapping.PREFIX
 
 
 class FlatReader:
@@ -89,10 +90,11 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
     check_stored_params(cfg, reader.leaves, info.params_dir)
     out_dtype = {p: output_dtype(dtype) if dtype else np.dtype(d).name for p, (_, d) in reader.leaves.items()}
 
-    rules = molmo_mapping.rules(cfg)
+    mapping = for_config(cfg)
+    rules, prefix = mapping.rules(cfg), mapping.PREFIX
     shapes = torch_shapes(rules, cfg)
     units = conversion_units(rules)
-    entries = [(PREFIX + key, shapes[key], out_dtype[rule.paths[0]]) for rule, i in units for key in rule.keys(i)]
+    entries = [(prefix + key, shapes[key], out_dtype[rule.paths[0]]) for rule, i in units for key in rule.keys(i)]
     torch_dtype = uniform_dtype(out_dtype.values()) or "float32"
     if fmt == "hf":
         shards = safetensors_out.plan_shards(entries, max_bytes)
@@ -123,17 +125,17 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
                     check_finite(a, f"{info.params_dir}: parameter {'.'.join(path)}" + ("" if i is None else f"[{i}]"))
                     arrays.append(a.astype(out_dtype[path], copy=False))
                 for key, a in zip(rule.keys(i), rule.to_torch(arrays)):
-                    writer.write(PREFIX + key, a)
+                    writer.write(prefix + key, a)
                     count(key, a.nbytes)
         if fmt == "hf":
             writer.write_index()
-            released = molmo_mapping.to_released(cfg, torch_dtype)
+            released = mapping.to_released(cfg, torch_dtype)
             (tmp / CONFIG).write_text(json.dumps(released, indent=2) + "\n")
-            _copy_extras(tmp, info, tokenizer, remote_code, summary)
+            _copy_extras(tmp, info, tokenizer, remote_code, summary, mapping.NEEDS_REMOTE_CODE)
     return summary.finish()
 
 
-def _copy_extras(tmp: pathlib.Path, info, tokenizer, remote_code, summary):
+def _copy_extras(tmp: pathlib.Path, info, tokenizer, remote_code, summary, needs_remote_code=True):
     if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp)
     else:
@@ -147,6 +149,6 @@ def _copy_extras(tmp: pathlib.Path, info, tokenizer, remote_code, summary):
             raise WeightsError(f"{remote_code}: no remote-code files ({', '.join(REMOTE_CODE_FILES)})")
         for f in files:
             shutil.copy2(f, tmp / f.name)
-    else:
+    elif needs_remote_code:
         summary.notes.append("the released remote-code files (*.py) are not part of the export; pass "
                              "--remote-code DIR (a released Molmo checkpoint) to copy them")

@@ -1,4 +1,4 @@
-"""`import`: a PyTorch Molmo checkpoint -> one of this project's model directories, streamed.
+"""`import`: a PyTorch checkpoint (Molmo, Molmo2) -> one of this project's model directories, streamed.
 
 The whole checkpoint is validated from its headers first (keys, shapes, dtypes against the config).
 Then every mapping rule runs layer by layer: the few PyTorch tensors of one layer are read, checked
@@ -18,7 +18,7 @@ import numpy as np
 from molmo_jax.weights.configs import config_to_json
 from molmo_jax.weights.errors import WeightsError
 from molmo_jax.weights.locate import CONFIG, PARAMS, TOKENIZER
-from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights.mappings import for_config
 from molmo_jax.weights.params import param_paths
 from molmo_jax.weights.pytorch import checked_reader, open_pytorch
 from molmo_jax.weights.rules import check_tensors, convert_rule
@@ -103,13 +103,14 @@ def import_checkpoint(src, dst, *, config=None, dtype=None, mesh=None, partition
     total_bytes)` is called as tensors are written."""
     dst = check_destination(dst, overwrite)
     cfg, tensors = open_pytorch(src, config)
-    rules = molmo_mapping.rules(cfg)
-    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=molmo_mapping.PREFIX, where=str(src))
+    mapping = for_config(cfg)
+    rules = mapping.rules(cfg, tensors)
+    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=mapping.PREFIX, where=str(src))
     write_shapes = specs = None
     if mesh is not None:
         specs = partition_specs if partition_specs is not None else mesh_partition_specs(cfg, mesh)
         write_shapes = {p: shard_shape(s, specs.get(p, ()), mesh, ".".join(p)) for p, s in param_paths(cfg).items()}
-    leaves = plan_leaves(cfg, rules, checked_reader(tensors, molmo_mapping.PREFIX), cfg.param_dtype, write_shapes)
+    leaves = plan_leaves(cfg, rules, checked_reader(tensors, mapping.PREFIX), cfg.param_dtype, write_shapes)
     summary = Summary("import", str(src), str(dst), cfg.name, n_tensors=len(leaves),
                       n_params=sum(leaf.size for leaf in leaves), dtype=cfg.param_dtype, files=1)
     extra = None

@@ -1,5 +1,6 @@
-"""Molmo checkpoints in PyTorch form (the original repo's or the released Hugging Face layout, or a
-state dict file): their config, and their tensors under our parameter names.
+"""Checkpoints in PyTorch form (Molmo: the original repo's or the released Hugging Face layout;
+Molmo2: transformers' layout; or a state dict file): their config, and their tensors under our
+parameter names, through the mapping of the config's family (`mappings.for_config`).
 
 The config comes from `--config` (a JSON file or a preset name) if given, else the checkpoint's
 `config.json` (original, released, or this project's own), else, for a state dict file this project
@@ -13,7 +14,9 @@ from molmo_jax import config as config_lib
 from molmo_jax.weights.configs import config_from_dict
 from molmo_jax.weights.errors import WeightsError, read_json
 from molmo_jax.weights.locate import CONFIG, CheckpointInfo, find_checkpoint
+from molmo_jax.weights.mappings import for_config
 from molmo_jax.weights.mappings import molmo as molmo_mapping
+from molmo_jax.weights.mappings import molmo2 as molmo2_mapping
 from molmo_jax.weights.params import param_paths
 from molmo_jax.weights.rules import check_finite, check_tensors, to_flat
 from molmo_jax.weights.tensors import TensorSource, open_tensors
@@ -25,6 +28,8 @@ def config_from_json(d: dict, name: str, source):
     """A model config from any config.json a Molmo checkpoint may carry, recognised by its keys."""
     if "llm" in d:
         return config_from_dict(d, source)
+    if d.get("model_type") == "molmo2":
+        return molmo2_mapping.config_from_hf(d, name)
     if "hidden_size" in d:
         return molmo_mapping.config_from_released(d, name)
     if "d_model" in d:
@@ -55,8 +60,13 @@ def open_pytorch(path, config=None):
     info = path if isinstance(path, CheckpointInfo) else find_checkpoint(path)
     if info.kind != "pytorch":
         raise WeightsError(f"{info.path}: a {info.kind} checkpoint, not a PyTorch one")
-    tensors = open_tensors(info.path, prefix=molmo_mapping.PREFIX)
-    return read_config(info, config, tensors), tensors
+    if config is not None or info.config_path is not None:
+        cfg = read_config(info, config)
+        return cfg, open_tensors(info.path, prefix=for_config(cfg).PREFIX)
+    tensors = open_tensors(info.path, prefix=molmo_mapping.PREFIX)  # the config may be in its header
+    cfg = read_config(info, config, tensors)
+    prefix = for_config(cfg).PREFIX
+    return cfg, tensors if prefix == molmo_mapping.PREFIX else open_tensors(info.path, prefix=prefix)
 
 
 def checked_reader(tensors, prefix: str = "", dtype=None):
@@ -77,9 +87,10 @@ def read_pytorch(path, config=None, dtype=None):
 def convert_tensors(cfg, tensors, dtype=None, where="") -> dict:
     """{path: array} of an opened PyTorch checkpoint, checked against `cfg` from its headers first;
     sets `cfg.param_dtype` to what the arrays are converted to."""
-    rules = molmo_mapping.rules(cfg)
-    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=molmo_mapping.PREFIX, where=str(where))
-    flat = to_flat(rules, checked_reader(tensors, molmo_mapping.PREFIX, cfg.param_dtype))
+    mapping = for_config(cfg)
+    rules = mapping.rules(cfg, tensors)
+    cfg.param_dtype = check_tensors(rules, cfg, tensors, dtype, prefix=mapping.PREFIX, where=str(where))
+    flat = to_flat(rules, checked_reader(tensors, mapping.PREFIX, cfg.param_dtype))
     if flat.keys() != param_paths(cfg).keys():  # the rules of a config cover exactly its parameters
         raise WeightsError(f"{where}: internal: the mapping does not cover the config's parameters")
     return flat

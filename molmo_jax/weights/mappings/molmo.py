@@ -22,6 +22,7 @@ from molmo_jax.weights.errors import WeightsError
 from molmo_jax.weights.rules import IDENTITY, linear, reshape, rule, split_rows
 
 PREFIX = "model."
+NEEDS_REMOTE_CODE = True  # transformers loads the released layout with the release's modeling code
 
 
 def _unsupported(field, value, allowed):
@@ -168,81 +169,96 @@ def to_released(cfg, torch_dtype: str) -> dict:
     return out
 
 
-def rules(cfg) -> list:
-    l, v = cfg.llm, cfg.vit
-    d, hq, hkv, hd, f = l.d_model, l.n_heads, l.n_kv_heads, l.head_dim, l.mlp_dim
-    out = []
-    layers = {"llm": l.n_layers, "vit": v.n_layers}
-
-    def add(keys, paths, fns, per_layer=None):
-        out.append(rule(keys, paths, fns, layers[per_layer] if per_layer else None))
-
-    ident = IDENTITY
-    # LLM
-    add("transformer.wte.embedding", "llm.embedding", ident)
-    if l.additional_vocab_size:
-        add("transformer.wte.new_embedding", "llm.new_embedding", ident)
-    add("transformer.ln_f.weight", "llm.ln_f.weight", ident)
-    add("transformer.ff_out.weight", "llm.ff_out.kernel", linear())
-    b = "transformer.blocks.{i}."
-    j = "llm.blocks."
-    add(b + "att_proj.weight", (j + "attn.wq.kernel", j + "attn.wk.kernel", j + "attn.wv.kernel"),
-        split_rows((hq * hd, hkv * hd, hkv * hd), ((d, hq, hd), (d, hkv, hd), (d, hkv, hd))), "llm")
+def llm_block_rules(cfg, b: str, attn: str = "", mlp: str = "") -> list:
+    """One decoder block's names (`b` the block prefix with "{i}", `attn` / `mlp` the sub-module
+    prefixes Molmo2 nests them under) -> our `llm.blocks.*`: fused q|k|v and up|gate, split here."""
+    l = cfg.llm
+    d, hq, hkv, hd, f, n = l.d_model, l.n_heads, l.n_kv_heads, l.head_dim, l.mlp_dim, l.n_layers
+    j, a, m = "llm.blocks.", b + attn, b + mlp
+    out = [rule(a + "att_proj.weight", (j + "attn.wq.kernel", j + "attn.wk.kernel", j + "attn.wv.kernel"),
+                split_rows((hq * hd, hkv * hd, hkv * hd), ((d, hq, hd), (d, hkv, hd), (d, hkv, hd))), n)]
     if l.qkv_bias:
-        add(b + "att_proj.bias", (j + "attn.wq.bias", j + "attn.wk.bias", j + "attn.wv.bias"),
-            split_rows((hq * hd, hkv * hd, hkv * hd), ((hq, hd), (hkv, hd), (hkv, hd)), transpose=False), "llm")
-    add(b + "attn_out.weight", j + "attn.wo.kernel", linear((d,), (hq, hd)), "llm")
-    add(b + "attn_norm.weight", j + "attn_norm.weight", ident, "llm")
-    add(b + "ff_norm.weight", j + "ff_norm.weight", ident, "llm")
+        out.append(rule(a + "att_proj.bias", (j + "attn.wq.bias", j + "attn.wk.bias", j + "attn.wv.bias"),
+                        split_rows((hq * hd, hkv * hd, hkv * hd), ((hq, hd), (hkv, hd), (hkv, hd)), transpose=False),
+                        n))
+    out.append(rule(a + "attn_out.weight", j + "attn.wo.kernel", linear((d,), (hq, hd)), n))
+    out.append(rule(b + "attn_norm.weight", j + "attn_norm.weight", IDENTITY, n))
+    out.append(rule(b + "ff_norm.weight", j + "ff_norm.weight", IDENTITY, n))
     if l.qk_norm:
-        add(b + "q_norm.weight", j + "attn.q_norm.weight", ident, "llm")
-        add(b + "k_norm.weight", j + "attn.k_norm.weight", ident, "llm")
+        out.append(rule(a + "q_norm.weight", j + "attn.q_norm.weight", IDENTITY, n))
+        out.append(rule(a + "k_norm.weight", j + "attn.k_norm.weight", IDENTITY, n))
     if l.moe_num_experts:
         e = l.moe_num_experts
-        add(b + "ffn.router.layer.weight", j + "ffn.router.kernel", linear(), "llm")
+        out.append(rule(m + "ffn.router.layer.weight", j + "ffn.router.kernel", linear(), n))
         expert_in = ((lambda xs: [xs[0].reshape(e, f, d).transpose(0, 2, 1)]),
                      (lambda xs: [np.ascontiguousarray(xs[0].transpose(0, 2, 1)).reshape(e * f, d)]))
-        add(b + "ffn.experts.mlp.w1", j + "ffn.w_gate", expert_in, "llm")
-        add(b + "ffn.experts.mlp.v1", j + "ffn.w_up", expert_in, "llm")
-        add(b + "ffn.experts.mlp.w2", j + "ffn.w_down", reshape((e, f, d)), "llm")
+        out.append(rule(m + "ffn.experts.mlp.w1", j + "ffn.w_gate", expert_in, n))
+        out.append(rule(m + "ffn.experts.mlp.v1", j + "ffn.w_up", expert_in, n))
+        out.append(rule(m + "ffn.experts.mlp.w2", j + "ffn.w_down", reshape((e, f, d)), n))
     else:
-        add(b + "ff_proj.weight", (j + "ffn.w_up.kernel", j + "ffn.w_gate.kernel"),
-            split_rows((f, f), ((d, f), (d, f))), "llm")
-        add(b + "ff_out.weight", j + "ffn.w_down.kernel", linear(), "llm")
-    # ViT
-    vh, vhd, vd = v.n_heads, v.head_dim, v.width
-    p = "vision_backbone.image_vit."
-    add(p + "class_embedding", "vision.class_embedding", ident)
-    add(p + "positional_embedding", "vision.positional_embedding", ident)
-    add(p + "patch_embedding.weight", "vision.patch_embedding.kernel", linear())
-    add(p + "pre_ln.weight", "vision.pre_ln.weight", ident)
-    add(p + "pre_ln.bias", "vision.pre_ln.bias", ident)
-    r = p + "transformer.resblocks.{i}."
-    k = "vision.blocks."
-    for w in ("wq", "wk", "wv"):
-        add(r + f"attention.{w}.weight", k + f"{w}.kernel", linear((vh, vhd)), "vit")
-        add(r + f"attention.{w}.bias", k + f"{w}.bias", reshape((vh, vhd)), "vit")
-    add(r + "attention.wo.weight", k + "wo.kernel", linear((vd,), (vh, vhd)), "vit")
-    add(r + "attention.wo.bias", k + "wo.bias", ident, "vit")
-    for n in ("attention_norm", "ffn_norm"):
-        add(r + f"{n}.weight", k + f"{n}.weight", ident, "vit")
-        add(r + f"{n}.bias", k + f"{n}.bias", ident, "vit")
-    for w in ("w1", "w2"):
-        add(r + f"feed_forward.{w}.weight", k + f"{w}.kernel", linear(), "vit")
-        add(r + f"feed_forward.{w}.bias", k + f"{w}.bias", ident, "vit")
-    # Connector
-    c = cfg.connector
-    if c.padding_embed != "none":
-        add("vision_backbone.pad_embed", "connector.pad_embed", ident)
-    if c.pooling.startswith("attention"):
-        q = "vision_backbone.image_pooling_2d."
-        for w in ("wq", "wk", "wv"):
-            add(q + f"{w}.weight", f"connector.{w}.kernel", linear((vh, vhd)))
-            add(q + f"{w}.bias", f"connector.{w}.bias", reshape((vh, vhd)))
-        add(q + "wo.weight", "connector.wo.kernel", linear((vd,), (vh, vhd)))
-        add(q + "wo.bias", "connector.wo.bias", ident)
-    ws = ("w1", "w2", "w3") if c.projector == "mlp" else ("w1",)
-    for w in ws:
-        proj_key = "image_projector." + (f"{w}.weight" if c.projector == "mlp" else "weight")
-        add("vision_backbone." + proj_key, f"connector.{w}.kernel", linear())
+        out.append(rule(m + "ff_proj.weight", (j + "ffn.w_up.kernel", j + "ffn.w_gate.kernel"),
+                        split_rows((f, f), ((d, f), (d, f))), n))
+        out.append(rule(m + "ff_out.weight", j + "ffn.w_down.kernel", linear(), n))
     return out
+
+
+def vit_rules(cfg, p: str) -> list:
+    """The ViT under prefix `p` -> our `vision.*` (class token, pre-norm and patch bias as the
+    config has them; kv heads for grouped-query towers)."""
+    v = cfg.vit
+    vh, vhd, vd, n = v.n_heads, v.head_dim, v.width, v.n_layers
+    heads = {"wq": vh, "wk": v.get("n_kv_heads", vh), "wv": v.get("n_kv_heads", vh)}
+    out = []
+    if v.get("class_token", True):
+        out.append(rule(p + "class_embedding", "vision.class_embedding", IDENTITY))
+    out.append(rule(p + "positional_embedding", "vision.positional_embedding", IDENTITY))
+    out.append(rule(p + "patch_embedding.weight", "vision.patch_embedding.kernel", linear()))
+    if v.get("patch_bias", False):
+        out.append(rule(p + "patch_embedding.bias", "vision.patch_embedding.bias", IDENTITY))
+    if v.get("pre_ln", True):
+        out.append(rule(p + "pre_ln.weight", "vision.pre_ln.weight", IDENTITY))
+        out.append(rule(p + "pre_ln.bias", "vision.pre_ln.bias", IDENTITY))
+    r = p + "transformer.resblocks.{i}."
+    out += attention_rules(r + "attention.", "vision.blocks.", heads, vhd, vd, n)
+    for name in ("attention_norm", "ffn_norm"):
+        out.append(rule(r + f"{name}.weight", f"vision.blocks.{name}.weight", IDENTITY, n))
+        out.append(rule(r + f"{name}.bias", f"vision.blocks.{name}.bias", IDENTITY, n))
+    for w in ("w1", "w2"):
+        out.append(rule(r + f"feed_forward.{w}.weight", f"vision.blocks.{w}.kernel", linear(), n))
+        out.append(rule(r + f"feed_forward.{w}.bias", f"vision.blocks.{w}.bias", IDENTITY, n))
+    return out
+
+
+def attention_rules(key: str, path: str, heads: dict, hd: int, width: int, n_layers=None) -> list:
+    """Biased wq / wk / wv ({name: heads}) and wo of an attention (the ViT's, the pooling's)."""
+    out = []
+    for w, h in heads.items():
+        out.append(rule(key + f"{w}.weight", path + f"{w}.kernel", linear((h, hd)), n_layers))
+        out.append(rule(key + f"{w}.bias", path + f"{w}.bias", reshape((h, hd)), n_layers))
+    out.append(rule(key + "wo.weight", path + "wo.kernel", linear((width,), (heads["wq"], hd)), n_layers))
+    out.append(rule(key + "wo.bias", path + "wo.bias", IDENTITY, n_layers))
+    return out
+
+
+def projector_rules(key: str, ws=("w1", "w2", "w3")) -> list:
+    """The SwiGLU projector (w1 gate, w3 up, w2 down) or, alone, a linear one."""
+    return [rule(key + (f"{w}.weight" if len(ws) > 1 else "weight"), f"connector.{w}.kernel", linear()) for w in ws]
+
+
+def rules(cfg, tensors=None) -> list:
+    """Every parameter of a Molmo (`tensors`, the checkpoint's, changes nothing here)."""
+    l, v, c = cfg.llm, cfg.vit, cfg.connector
+    out = [rule("transformer.wte.embedding", "llm.embedding", IDENTITY)]
+    if l.additional_vocab_size:
+        out.append(rule("transformer.wte.new_embedding", "llm.new_embedding", IDENTITY))
+    out.append(rule("transformer.ln_f.weight", "llm.ln_f.weight", IDENTITY))
+    out.append(rule("transformer.ff_out.weight", "llm.ff_out.kernel", linear()))
+    out += llm_block_rules(cfg, "transformer.blocks.{i}.")
+    out += vit_rules(cfg, "vision_backbone.image_vit.")
+    if c.padding_embed != "none":
+        out.append(rule("vision_backbone.pad_embed", "connector.pad_embed", IDENTITY))
+    if c.pooling.startswith("attention"):
+        heads = {w: v.n_heads for w in ("wq", "wk", "wv")}
+        out += attention_rules("vision_backbone.image_pooling_2d.", "connector.", heads, v.head_dim, v.width)
+    ws = ("w1", "w2", "w3") if c.projector == "mlp" else ("w1",)
+    return out + projector_rules("vision_backbone.image_projector.", ws)
