@@ -27,6 +27,7 @@ CORE = [
     "pyarrow==26.0.1",
     "scipy==1.17.1",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "qwix==0.1.8",          # quantization (layers.quant)
 ]
 
 EXTRAS = {
