@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -246,15 +247,27 @@ class Trainer:
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore_latest(self) -> bool:
-        step = self.manager.latest_step()
-        if step is None:
+        """Resume from the newest checkpoint that restores. A damaged one (a file missing or
+        truncated) is named in a warning and moved aside to `<step>.damaged`, never deleted, and the
+        one before it is tried; False when there is no checkpoint at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             return False
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
         trainable, fixed = self.setup.split(self.params)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(trainable)),
-            opt_state=ocp.args.StandardRestore(abstract(self.opt_state)),
-            meta=ocp.args.JsonRestore()))
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract(trainable)),
+                    opt_state=ocp.args.StandardRestore(abstract(self.opt_state)),
+                    meta=ocp.args.JsonRestore()))
+                break
+            except Exception as e:  # orbax raises assorted errors for a damaged step directory
+                self._set_aside(step, e)
+        else:
+            raise TrainingStopped(f"none of the checkpoints in {self.manager.directory} restores (steps "
+                                  f"{', '.join(map(str, steps))}, moved aside as <step>.damaged); remove them to "
+                                  "start over")
         self.params = trainable_split(self.config)[1](restored["params"], fixed)
         self.opt_state = restored["opt_state"]
         meta = restored["meta"]
@@ -262,6 +275,17 @@ class Trainer:
         self.bad_total, self.bad_in_row = int(meta.get("bad_total", 0)), int(meta.get("bad_in_row", 0))
         log.info("resumed from step %d", self.step)
         return True
+
+    def _set_aside(self, step: int, error: Exception):
+        directory = os.path.join(str(self.manager.directory), str(step))
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        log.warning("checkpoint step %d (%s) cannot be restored: %s; moved to %s.damaged, trying the one before",
+                    step, directory, first, directory)
+        print(f"warning: checkpoint step {step} ({directory}) cannot be restored ({first}); moved to "
+              f"{directory}.damaged and not deleted; trying the one before", file=sys.stderr)
+        if self.is_main and os.path.isdir(directory):
+            os.rename(directory, f"{directory}.damaged")
+        self.manager.reload()
 
     def load_params(self, params):
         """Initial weights from elsewhere (stage 1 result, an imported checkpoint): a pure dict. With

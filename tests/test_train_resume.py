@@ -1,5 +1,6 @@
 """Never lose work: SIGKILL + restart repeats the uninterrupted losses bit for bit, SIGTERM saves,
-non-finite steps are skipped and eventually stop the run, incomplete checkpoints are ignored."""
+non-finite steps are skipped and eventually stop the run, incomplete checkpoints are ignored and a damaged
+latest one gives way to the one before."""
 import json
 import os
 import signal
@@ -135,3 +136,28 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-123" / "params")
     _, t2 = small_trainer(tmp_path, total_steps=2)
     assert t2.restore_latest() and t2.step == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, capfd):
+    """A file of the newest checkpoint truncated or missing: the restart warns naming it, keeps it on
+    disk (moved aside), resumes from the step before, and trains and saves through that step again."""
+    c, t = small_trainer(tmp_path / "run", total_steps=4)
+    data = lambda: RandomBatches(c.model, batch_size=2, seq_len=128, seed=0, text_len=40)  # noqa: E731
+    t.fit(data(), progress=False)
+    t.manager.wait_until_finished()
+    files = sorted(p for p in (tmp_path / "run" / "checkpoints" / "4" / "params").rglob("*") if p.is_file()
+                   and p.stat().st_size > 0)
+    target = max(files, key=lambda p: p.stat().st_size)  # the biggest array file
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.unlink()
+    _, t2 = small_trainer(tmp_path / "run", total_steps=4)
+    assert t2.restore_latest() and t2.step == 2
+    err = capfd.readouterr().err
+    assert "warning: checkpoint step 4" in err and "cannot be restored" in err and "not deleted" in err
+    assert (tmp_path / "run" / "checkpoints" / "4.damaged").is_dir()
+    assert not (tmp_path / "run" / "checkpoints" / "4").exists()
+    t2.fit(data(), progress=False)  # steps 3 and 4 again, saving step 4 anew
+    assert t2.step == 4 and 4 in t2.manager.all_steps()
