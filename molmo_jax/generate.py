@@ -289,6 +289,12 @@ class Generator:
                           f"top_k / beam_size > vocabulary ({vocab})")):
             if bad:
                 raise ValueError(why)
+        longest = int((batch["input_ids"] != -1).sum(axis=1).max(initial=0))
+        limit = self.cfg.llm.max_sequence_length
+        if longest + sampling.max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
+                             f"model's context of {limit} tokens (llm.max_sequence_length): shorten the prompt, "
+                             "use fewer crops or ask for fewer new tokens")
         program, key = sampling.program(), jax.random.key(sampling.seed)
         with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if self.mesh is not None:

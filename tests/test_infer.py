@@ -146,6 +146,29 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path):
         infer.main(base + ["--image", str(IMAGE), "--prompt", "Hi", "--beam-size", "2", "--temperature", "1"])
 
 
+def test_outputs_are_checked_before_any_work_and_nothing_is_lost(tmp_path):
+    """Output paths in a missing folder or naming a folder fail before the model loads; a batch that
+    stops on a bad record leaves an existing --out as it was; a prompt beyond the context is named."""
+    base = ["--checkpoint", str(tmp_path / "not_loaded"), "--tokenizer", str(TOKENIZER)]
+    with pytest.raises(SystemExit, match=r"--out-image .*: folder .*missing does not exist"):
+        infer.main(base + ["--image", str(IMAGE), "--prompt", "Hi", "--out-image", str(tmp_path / "missing" / "p.png")])
+    with pytest.raises(SystemExit, match=r"--out .*: is a directory"):
+        infer.main(base + ["--batch", str(IMAGE), "--out", str(tmp_path)])
+    previous = tmp_path / "answers.jsonl"
+    previous.write_text("earlier answers\n")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"image": str(IMAGE), "prompt": "ok"}) + "\n"
+                        + json.dumps({"image": str(tmp_path / "broken.png"), "prompt": "ok"}) + "\n")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="broken.png"):
+        infer.main(["--checkpoint", str(QWEN), "--tokenizer", str(TOKENIZER), "--batch", str(requests),
+                    "--out", str(previous), "--max-new-tokens", "4"])
+    assert previous.read_text() == "earlier answers\n"
+    with pytest.raises(SystemExit, match=r"exceeds the model's context of \d+ tokens \(llm.max_sequence_length\)"):
+        infer.main(["--checkpoint", str(QWEN), "--tokenizer", str(TOKENIZER), "--image", str(IMAGE), "--prompt",
+                    "Hi", "--max-new-tokens", "100000"])
+
+
 def test_bad_requests_name_the_request():
     with pytest.raises(ValueError, match="request 1: no 'prompt'"):
         answerer().ask_many([(str(IMAGE), "a"), {"image": str(IMAGE)}])

@@ -122,18 +122,19 @@ def run_single(args):
         answer = answerer.ask(args.image, args.prompt, **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
     except ImageError as e:
         raise SystemExit(f"error: {e}")
+    # The answer is printed before anything is drawn: a failure to draw never loses it.
+    if args.json:
+        print(json.dumps(answer.to_json()), flush=True)
+    else:
+        print(answer.text)
+        if len(answer.points_px):
+            print("points (x, y px): " + ", ".join(f"({x:.1f}, {y:.1f})" for x, y in answer.points_px))
+        if answer.count is not None:
+            print(f"count: {answer.count}", flush=True)
     if args.out_image:
         points_lib.draw_points(args.image, answer.points_px, args.out_image)
-    if args.json:
-        print(json.dumps(answer.to_json()))
-        return
-    print(answer.text)
-    if len(answer.points_px):
-        print("points (x, y px): " + ", ".join(f"({x:.1f}, {y:.1f})" for x, y in answer.points_px))
-    if answer.count is not None:
-        print(f"count: {answer.count}")
-    if args.out_image:
-        print(f"wrote {args.out_image} ({len(answer.points_px)} points drawn)")
+        if not args.json:
+            print(f"wrote {args.out_image} ({len(answer.points_px)} points drawn)")
 
 
 def run_batch(args):
@@ -145,7 +146,8 @@ def run_batch(args):
     answerer = load_answerer(args)
     bar = tqdm(total=len(requests), unit="prompt", file=sys.stderr)
     t0 = time.perf_counter()
-    with open(args.out, "w") as f:
+    partial = f"{args.out}.partial"  # an existing --out stays as it was until the batch is done
+    with open(partial, "w") as f:
         def write(answers):
             for a in answers:
                 f.write(json.dumps(a.to_json()) + "\n")
@@ -154,7 +156,8 @@ def run_batch(args):
             answers = answerer.ask_many(requests, batch_size=args.batch_size, progress=write,
                                         **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
         except ImageError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e} (answers so far are in {partial})")
+    os.replace(partial, args.out)
     bar.close()
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(a.tokens) for a in answers)
@@ -194,8 +197,23 @@ def run_inputs(args):
           f"{time.perf_counter() - t0:.1f}s; wrote {args.out}")
 
 
+def check_outputs(args):
+    """Every output path is writable before any work: its folder exists and accepts files."""
+    for flag, path in (("--out", args.out), ("--out-image", args.out_image)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: {flag} {path}: folder {folder} is not writable")
+        if os.path.isdir(path):
+            raise SystemExit(f"error: {flag} {path}: is a directory")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_outputs(args)
     try:
         from molmo_jax.generate import Sampling
         from molmo_jax.layers import quant
