@@ -193,7 +193,10 @@ def test_padded_rows_give_their_logits_alone(models):
     both = our_logits(model, batch_of(padded_rows(cfg))[0])
     for i, row in enumerate(padded_rows(cfg)):
         alone = our_logits(model, batch_of([row])[0])[0]
-        np.testing.assert_allclose(both[i, :len(alone)], alone, atol=1e-5, rtol=0)
+        # A batch of two and a batch of one take different matmul blockings on AVX-512 CPUs, so the
+        # float32 sums round differently: up to 1.2e-5 seen on logits of size ~1. A padding bug (a
+        # visible padded key, a shifted position) moves them by more than 1e-2.
+        np.testing.assert_allclose(both[i, :len(alone)], alone, atol=5e-5, rtol=0)
 
 
 def test_negative_controls_would_be_caught(models):
