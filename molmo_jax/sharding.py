@@ -189,6 +189,21 @@ def constrain(x, names: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh, rules)))
 
 
+def gathered(x, names: Sequence[str | None]):
+    """Constrain a parameter (already cast to the compute dtype) to its layout without the batch
+    axes: under FSDP this all-gathers a layer's weights before its matmul, so the matmul contracts
+    locally. Left to itself the partitioner may instead split the contraction over the fsdp shards
+    and accumulate partial results into the whole output once per shard, which makes the matmul
+    HBM-bound (docs/scaling.md#fsdp-weights-are-gathered-before-the-matmul). Identity without a mesh."""
+    if not _current:
+        return x
+    mesh, rules = _current[-1]
+    batch_axes = set(BATCH)
+    local = {k: (tuple(a for a in ((v,) if isinstance(v, str) else v) if a not in batch_axes) or None)
+             if v is not None else None for k, v in rules.items()}
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh, local)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None) -> NamedSharding:
     """Sharding of a batch array: first dimension over the batch axes, the rest replicated."""
     spec = spec_for(("batch",) + (None,) * (ndim - 1), (batch_size or 0,) + (1,) * (ndim - 1)

@@ -224,6 +224,49 @@ ENTRY %main (q: bf16[2,4,2,2304,128], k: bf16[2,4,2304,128], v: bf16[2,4,2304,12
     assert stats.hbm_by_category["attention"] == stats.hbm_bytes
 
 
+def test_stacked_arrays_read_through_nested_fusions_count_the_slice():
+    """A fusion that reads one layer of a stacked [layers, ...] array (saved activations under remat)
+    through a nested fusion's dynamic-slice reads that layer, not the whole stack."""
+    text = """HloModule m
+%inner (p0: f32[28,4,8], p1: s32[]) -> f32[4,8] {
+  %p0 = f32[28,4,8]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,4,8]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,4,8}
+  ROOT %b = f32[4,8]{1,0} bitcast(%ds)
+}
+%outer (q0: f32[28,4,8], q1: s32[]) -> f32[4,8] {
+  %q0 = f32[28,4,8]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %f = f32[4,8]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%inner
+  ROOT %n = f32[4,8]{1,0} negate(%f)
+}
+ENTRY %main (a: f32[28,4,8], i: s32[]) -> f32[4,8] {
+  %a = f32[28,4,8]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %r = f32[4,8]{1,0} fusion(%a, %i), kind=kLoop, calls=%outer
+}
+"""
+    layer = 4 * 8 * 4
+    assert hlo_stats.analyse_hlo(text, 1).hbm_bytes == layer + layer + 4  # written, the slice read, the index
+
+
+def test_async_slices_and_concat_bitcasts_move_only_the_slices():
+    """TPU splits a gathered weight into async slices (`slice-start`, whose tuple shape names the whole
+    operand) and joins them with a ConcatBitcast custom call, which moves nothing."""
+    text = """HloModule m
+ENTRY %main (a: bf16[4736,3584]) -> bf16[4736,3584] {
+  %a = bf16[4736,3584]{1,0} parameter(0)
+  %s0 = ((bf16[4736,3584]{1,0}), bf16[4736,1792]{1,0}, s32[]) slice-start(%a), slice={[0:4736], [0:1792]}
+  %s1 = ((bf16[4736,3584]{1,0}), bf16[4736,1792]{1,0}, s32[]) slice-start(%a), slice={[0:4736], [1792:3584]}
+  %d0 = bf16[4736,1792]{1,0} slice-done(%s0)
+  %d1 = bf16[4736,1792]{1,0} slice-done(%s1)
+  ROOT %c = bf16[4736,3584]{1,0} custom-call(%d0, %d1), custom_call_target="ConcatBitcast"
+}
+"""
+    assert hlo_stats.analyse_hlo(text, 1).hbm_bytes == 2 * 2 * (4736 * 1792 * 2)
+
+
 def test_sweep_grid_and_ranking():
     c = small_config()
     grid = aot.sweep_grid(c, 8, tensors=(1, 2, 4), micro=(1, 2), remats=("full",))
@@ -389,3 +432,4 @@ def test_search_keeps_the_fastest_variant_that_fits():
                     "dots dots 4 2.0 3 [('dots', 4), ('full', 1)]",
                     "lean full 4 3.0 3 [('dots', 4), ('full', 1)]",
                     "cached_only dots 4 2.0 2 [('dots', 4), ('full', 1)]"], rows
+

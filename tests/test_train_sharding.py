@@ -133,3 +133,50 @@ def test_mesh_that_does_not_divide_the_devices():
         sharding.mesh_shape(sharding.parse_mesh("tensor=3,fsdp=-1"), 8)
     with pytest.raises(sharding.MeshError, match="unknown axes"):
         sharding.mesh_shape({"pipeline": 2}, 8)
+
+
+def dense_program(mesh, shape=(256, 512), x_shape=(8, 64, 256), dtype="float32", lower_only=True):
+    """One Dense (embed -> mlp) under `mesh`: its lowered (or compiled) program text."""
+    from flax import nnx
+
+    from molmo_jax.layers.core import Dense
+
+    dense = nnx.eval_shape(lambda: Dense(*shape, ("embed",), ("mlp",), rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(dense)
+    kernel = jax.ShapeDtypeStruct(shape, np.float32, sharding=jax.tree.leaves(sharding.param_shardings(state, mesh))[0])
+    x = jax.ShapeDtypeStruct(x_shape, np.dtype(dtype) if dtype == "float32" else jax.numpy.bfloat16,
+                             sharding=sharding.batch_sharding(mesh, 3, x_shape[0]))
+
+    def apply(w, x):
+        s = jax.tree.map(lambda v: v, state)
+        nnx.replace_by_pure_dict(s, {"kernel": w})
+        return nnx.merge(graphdef, s)(x)
+
+    with sharding.use_mesh(mesh):
+        lowered = jax.jit(apply).lower(kernel, x)
+        return lowered.as_text() if lower_only else lowered.compile().as_text()
+
+
+@pytest.mark.parametrize("mesh, local", [(dict(fsdp=8), '[{}, {}]'), (dict(fsdp=4, tensor=2), '[{}, {"tensor"}]')])
+def test_fsdp_weights_are_gathered_before_the_matmul(mesh, local):
+    """Under FSDP a Dense constrains its kernel to the layout without the batch axes (the tensor split
+    kept), so the partitioner all-gathers the weights and contracts locally rather than splitting the
+    contraction over the fsdp shards (docs/scaling.md#fsdp-weights-are-gathered-before-the-matmul;
+    what that does on a TPU: test_tpu_fsdp_matmul_has_no_windowed_loop)."""
+    text = dense_program(sharding.make_mesh(mesh))
+    assert f"sdy.sharding_constraint %arg0 <@mesh, {local}>" in text
+
+
+def test_tpu_fsdp_matmul_has_no_windowed_loop():
+    """Compiled for a v5e-8 slice with fsdp=8 (needs libtpu, the `tpu` extra), a Dense of Molmo-7B-D's
+    MLP width all-gathers its weights and runs one matmul; left to the compiler (no gather) it becomes
+    a loop of collective-permutes, each step adding a partial product into the whole output."""
+    import os
+
+    pytest.importorskip("libtpu", reason="libtpu is not installed: TPU topologies cannot be compiled for")
+    from molmo_jax.analysis import topology
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    mesh = sharding.make_mesh(dict(fsdp=8), topology.topology_devices(topology.parse_topology("v5e-8")))
+    hlo = dense_program(mesh, (3584, 4736), (8, 2304, 3584), "bfloat16", lower_only=False)
+    assert "all-gather" in hlo and "collective-permute" not in hlo and " while(" not in hlo

@@ -8,7 +8,9 @@ and gradient accumulation are `lax.scan`s. Counted:
                splash_*) by the analytic count over every query and key, i.e. as if no block were
                masked (forward 4, dq 6, dkv 8 x queries x keys x head_dim); elementwise work is ignored
   hbm_bytes    bytes read and written by the top-level instructions and collectives (a fusion reads its operands
-               and writes its result once; dynamic slices of stacked weights count the slice; a
+               and writes its result once; (dynamic) slices of stacked weights or saved activations
+               count the slice, also through nested fusions, as do TPU async slices (`slice-start`),
+               and a ConcatBitcast of adjacent slices moves nothing; a
                kernel reads its operands and writes its results once, except an attention kernel's
                dynamic mask, of which only one row of blocks (the partially masked ones along the
                diagonal) is counted), split by category in `hbm_by_category`: attention, matmul
@@ -190,9 +192,10 @@ def _collective(ins: Instr):
     return kind, nbytes(shape)
 
 
-def _read_bytes(comp, param_index: int, shapes: dict) -> float:
+def _read_bytes(comp, param_index: int, shapes: dict, comps=None) -> float:
     """Bytes a fusion really reads from operand `param_index`: the slices if the parameter only
-    feeds dynamic-slices (a layer's weights out of the stacked [layers, ...] array), else all of it."""
+    feeds (dynamic-)slices (a layer's weights or saved activations out of a stacked [layers, ...]
+    array), also through nested fusions, else all of it."""
     param = next((i for i in comp if i.opcode == "parameter" and i.args.strip() == str(param_index)), None)
     if param is None:
         return 0.0
@@ -203,13 +206,16 @@ def _read_bytes(comp, param_index: int, shapes: dict) -> float:
         for u in users:
             if u.opcode == "bitcast":
                 frontier.append(u.name)
-            elif u.opcode == "dynamic-slice" and u.operands[0] == name:
+            elif u.opcode in ("dynamic-slice", "slice") and u.operands[0] == name:
                 total += nbytes(u.shape)
             elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
                 continue  # updated in place
+            elif u.opcode == "fusion" and comps is not None and u.operands.count(name) == 1:
+                inner = comps.get(next(iter(callees(u)), ""), [])
+                total += _read_bytes(inner, u.operands.index(name), {i.name: i.shape for i in inner}, comps)
             else:
                 return nbytes(shapes[param.name])
-    return total
+    return min(total, nbytes(shapes[param.name]))
 
 
 def _written_bytes(ins: Instr, comps, shapes: dict) -> float:
@@ -271,13 +277,17 @@ def analyse_hlo(text: str, n_devices: int) -> HloStats:
 
 
 def _traffic(ins: Instr, comps, shapes: dict) -> float:
-    if ins.opcode == "dynamic-slice":
+    if ins.opcode in ("dynamic-slice", "slice"):
         return 2 * nbytes(ins.shape)
+    if ins.opcode == "slice-start":  # ((operand), slice, context): reads and writes the slice
+        return 2 * nbytes(split_tuple(ins.shape)[1])
+    if ins.opcode == "custom-call" and 'custom_call_target="ConcatBitcast"' in ins.attrs:
+        return 0.0  # its operands were written side by side: the concatenation is a bitcast
     if ins.opcode == "dynamic-update-slice":
         return 2 * nbytes(shapes.get(ins.operands[1], ""))
     written = _written_bytes(ins, comps, shapes)
     if ins.opcode == "fusion":
         body = comps.get(next(iter(callees(ins)), ""), [])
         body_shapes = {i.name: i.shape for i in body}
-        return written + sum(_read_bytes(body, k, body_shapes) for k in range(len(ins.operands)))
+        return written + sum(_read_bytes(body, k, body_shapes, comps) for k in range(len(ins.operands)))
     return written + sum(nbytes(shapes.get(o, "")) for o in ins.operands)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from molmo_jax import sharding
 from molmo_jax.layers.quant import dequantize
 
 Axes = tuple[str | None, ...]
@@ -106,7 +107,8 @@ class Dense(nnx.Module):
         self.out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
         self.dtype = dtype_of(dtype)
         std = kernel_std(math.prod(self.in_shape)) if std is None else std
-        self.kernel = param(rngs, self.in_shape + self.out_shape, tuple(in_axes) + tuple(out_axes),
+        self.axes = tuple(in_axes) + tuple(out_axes)
+        self.kernel = param(rngs, self.in_shape + self.out_shape, self.axes,
                             param_dtype, std=std, stack=stack)
         self.bias = (param(rngs, self.out_shape, out_axes, param_dtype, init="zeros", stack=stack)
                      if use_bias else None)
@@ -120,6 +122,8 @@ class Dense(nnx.Module):
             kernel = dequantize(self.kernel[...], self.kernel_scale[...], self.dtype)
         else:
             kernel = self.kernel[...].astype(self.dtype)
+        # ZeRO-3: the layer's weights are all-gathered (in the compute dtype) before the matmul
+        kernel = sharding.gathered(kernel, self.axes)
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
