@@ -18,6 +18,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.total_steps = 1000
     c.batch_size = 8              # global, across all processes
     c.grad_accum_steps = 1        # micro-batches per step (all share the full batch's loss normaliser)
+    c.grad_accum_dtype = "float32"  # the gradient accumulator: float32 as the original reduces; or bfloat16
     c.seq_len = 2304
     c.max_loss_tokens = 0         # per micro-batch; 0 = every position (no cap)
     c.optimizer = optim.optimizer_config()

@@ -108,7 +108,7 @@ def model_config(name: str, llm, vit=None, connector=None, image=None, **top) ->
     c.llm = llm
     c.dtype = "float32"        # compute dtype
     c.param_dtype = "float32"  # storage dtype of parameters
-    c.remat = "none"           # "none", "full" (per block), "dots" (save matmul outputs)
+    c.remat = "none"           # "none", "full" (per block), "dots" (save matmul outputs), "offload" (them to host)
     c.attention = "auto"       # "dense", "fused" (a kernel that keeps the scores on chip), "auto": fused on TPU/GPU
     c.scan_unroll = 1          # layers per scan iteration; a small model on a CPU runs ~15% faster unrolled
     c.init = "normal"         # "normal" (N(0, 0.02), the original) or "fan_in" (training from scratch)

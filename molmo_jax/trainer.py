@@ -97,6 +97,9 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
     model_cfg = config.model
     split, join = trainable_split(config)
     accum = config.grad_accum_steps
+    acc_dtype = jnp.dtype(config.get("grad_accum_dtype", "float32"))
+    if acc_dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"grad_accum_dtype={config.grad_accum_dtype!r}; choose 'float32' or 'bfloat16'")
     frozen = jax.tree.map(lambda l: l == "frozen", labels)
     if lora.enabled(model_cfg):  # the base is fixed; every adapter trains
         frozen = {}
@@ -127,9 +130,10 @@ def make_train_step(config, graphdef, abstract, tx, schedules, labels):
             mb, i = inputs
             (_, aux), grads = grad_fn(params, fixed, mb, jax.random.fold_in(key, i), normalizer)
             grads_acc, aux_acc = acc
-            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grads_acc, grads)
+            return (grads_acc, jax.tree.map(jnp.add, aux_acc, aux)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
         aux0 = dict(loss=0.0, z_loss=0.0, weight=0.0, dropped_loss_tokens=0)
         aux0 = jax.tree.map(jnp.asarray, aux0)
         (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(accum)))

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny_sft
-from molmo_jax.analysis import aot, hlo_stats, topology
+from molmo_jax.analysis import aot, hlo_stats, search, table, topology
 from molmo_jax import models as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +127,25 @@ def test_sweep_command_ranks_what_fits(reports):
     # tensor 3 does not divide 8 devices and 4 examples per device need 32 > 8: one point is left
     assert len(rows) == 1 and rows[0]["fits"] and rows[0]["mesh"]["fsdp"] == 8
     assert rows[0]["peak_bytes_per_device"] == reports["fsdp"][1]["peak_bytes_per_device"]
+
+
+def test_best_compiles_the_recorded_variant(reports, tmp_path):
+    """`--best` compiles the variant docs/scaling.json records for the config and slice (here the FSDP
+    report's program: same peak), and names what is recorded when nothing is for that slice."""
+    v = dict(mesh=dict(fsdp=8), micro=1, remat="none", grad_accum_steps=1, grad_accum_dtype="float32")
+    doc = dict(targets=[], cells=[dict(config="tiny_sft", fastest=dict(topology="cpu-8", fits=True, variant=v))])
+    path = tmp_path / "scaling.json"
+    path.write_text(json.dumps(doc))
+    args = [sys.executable, "-m", "tools.aot", "--config", "configs/tiny_sft.py", "--best", f"--scaling_json={path}",
+            "--config.batch_size=8", "--config.seq_len=64", "--config.data.max_crops=1", "--json"]
+    out = subprocess.run(args + ["--topology", "cpu-8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["mesh"]["fsdp"] == 8 and r["remat"] == "none" and "--mesh=fsdp=8" in out.stderr
+    assert r["peak_bytes_per_device"] == reports["fsdp"][1]["peak_bytes_per_device"]
+    out = subprocess.run(args + ["--topology", "cpu-4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "records no fitting variant of tiny_sft on cpu-4; recorded: tiny_sft on cpu-8" \
+        in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bad_topology_and_mesh_are_clear_errors():
@@ -317,48 +336,59 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
     assert r["peak_bytes_per_device"] > topology.CHIPS["v5e"].hbm_bytes
 
 
-_TABLE_SCRIPT = """
-from configs import tiny_sft
-from molmo_jax.analysis import aot
-from tools import aot as aot_tool
-report = dict(model="molmo_72b", stage="sft", topology="v5p-64", mesh=dict(data=1, fsdp=2, tensor=16, expert=1),
-              grad_accum_steps=1, remat="full", peak_bytes_per_device=60 * 2 ** 30,
-              hbm_bytes_per_device=95 * 2 ** 30, roofline=dict(step_s=9.5, bound="compute", mfu=0.41),
-              compile_seconds=600.0, compile_cpu_seconds=580.0, fits=True)
-cfg = tiny_sft.get_config()
-results = [("Molmo-72B", "sft", "v5p", cfg, report, [report]),
-           ("Molmo-7B-D", "sft", "v5e", cfg, aot_tool.PENDING, [])]
-print(aot_tool.BEGIN in aot_tool.generated_section(results, [], aot))
-print(aot_tool.generated_section(results, [], aot))
-"""
+def _report(topology="v5p-64", mesh=None, micro=1, accum=1, remat="full", fits=True, step=9.5, mfu=0.41,
+            model="molmo_72b"):
+    mesh = mesh or dict(data=1, fsdp=2, tensor=16, expert=1)
+    return dict(model=model, stage="sft", topology=topology, mesh=mesh, grad_accum_steps=accum, remat=remat,
+                variant=dict(mesh={k: v for k, v in mesh.items() if v > 1}, micro=micro, remat=remat,
+                             grad_accum_steps=accum, grad_accum_dtype="float32"),
+                peak_bytes_per_device=60 * 2 ** 30, hbm_bytes_per_device=95 * 2 ** 30,
+                roofline=dict(step_s=step, bound="compute", mfu=mfu), compile_seconds=600.0,
+                compile_cpu_seconds=580.0, fits=fits)
 
 
 def test_table_section_marks_cells_not_searched_yet():
-    """An interrupted `tools.aot --table` writes a partial table: finished cells with their slice,
-    the others marked as pending, and the requirement lines judged on what was found. (In a
-    subprocess: tools.aot and tools.train both define the absl flag `config`, and other tests
-    import tools.train.)"""
-    out = subprocess.run([sys.executable, "-c", _TABLE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout
-    assert text.startswith("True\n<!-- BEGIN GENERATED") and text.rstrip().endswith("<!-- END GENERATED -->")
-    assert "| Molmo-72B | sft |" in text and "v5p-64 | fsdp=2 tensor=16 | 1 | full | 60.00 / 95.00 | 41%" in text
+    """An interrupted `tools.aot --table` writes a partial table and JSON: finished cells with their
+    slice and variants, the others marked as pending, targets judged on what was found."""
+    cfg = small_config()
+    small, fast = _report(), _report(micro=4, remat="dots", mfu=0.58, step=6.7)
+    cells = [dict(key="molmo_72b_sft", title="Molmo-72B", stage="sft", family="v5p", config=cfg, smallest=small,
+                  fastest=fast),
+             dict(key="molmo_7b_d_sft", title="Molmo-7B-D", stage="sft", family="v5e", config=cfg,
+                  smallest=table.PENDING, fastest=table.PENDING)]
+    targets = [dict(config="molmo_72b_sft", title="Molmo-72B", topology="v5p-64", target=0.55, lean=small,
+                    fastest=fast),
+               dict(config="molmo_7b_d_sft", title="Molmo-7B-D", topology="v5e-256", target=0.5, lean=table.PENDING,
+                    fastest=table.PENDING)]
+    text = table.generated_section(cells, targets, [small, fast], "2026-12-05")
+    assert text.startswith(table.BEGIN) and text.rstrip().endswith(table.END)
+    assert ("| Molmo-72B | sft | 8 x 64 | v5p-64 | fsdp=2 tensor=16, 1 ex/dev x 1, full | 60.00 / 95.00 | 41% | "
+            "9.50 s (compute) | fsdp=2 tensor=16, 4 ex/dev x 1, dots | 60.00 / 95.00 | 58% | 6.70 s (compute) |") in text
+    assert "| Molmo-72B | sft | v5p-64 | 55% | fsdp=2 tensor=16, 4 ex/dev x 1, dots |" in text and "| yes | 41% |" in text
+    assert "| Molmo-7B-D | sft | v5e-256 | 50% | not searched yet |" in text
     assert "| Molmo-7B-D | sft |" in text and "not searched yet (v5e" in text
     assert "Molmo-72B stage 2 on v5p-512 or smaller: **met**" in text
     assert "Molmo-7B-D stage 2 on v5e-256 or smaller: **NOT met**: smallest fitting slice none" in text
+    doc = json.loads(json.dumps(table.scaling_json(cells, targets, [small, fast], "2026-12-05"), default=float))
+    assert doc["cells"][0]["fastest"]["variant"]["micro"] == 4 and doc["cells"][1]["searched"] is False
+    assert doc["targets"][0]["fastest"]["flags"] == ["--mesh=fsdp=2,tensor=16", "--config.grad_accum_steps=1",
+                                                     "--config.model.remat=dots", "--config.grad_accum_dtype=float32"]
+    assert search.recorded_variant(doc, "molmo_72b_sft", "v5p-64")["remat"] == "dots"
+    with pytest.raises(ValueError, match="records no fitting variant of molmo_7b_d_sft on v5e-256; recorded: "
+                                         "molmo_72b_sft on v5p-64"):
+        search.recorded_variant(doc, "molmo_7b_d_sft", "v5e-256")
 
 
 _CACHE_SCRIPT = """
 import os, sys
 from configs import tiny_sft
-from tools import aot as aot_tool
+from molmo_jax.analysis import search
 cache = sys.argv[1]
 cfg = tiny_sft.get_config()
 cfg.update(batch_size=8, seq_len=64)
 cfg.data.max_crops = 1
 cfg.mesh.update(data=1, fsdp=8, tensor=1)
-run = aot_tool.CachedCompiler(cache)
+run = search.CachedCompiler(cache)
 first = run(cfg, "cpu-8")
 entries = sorted(os.listdir(cache))
 renamed = cfg.copy_and_resolve_references()
@@ -369,16 +399,17 @@ print(len(entries), sorted(os.listdir(cache)) == entries, again["compile_seconds
 other = cfg.copy_and_resolve_references()
 other.model.remat = "dots"
 try:
-    aot_tool.CachedCompiler(cache, cached_only=True)(other, "cpu-8")
+    search.CachedCompiler(cache, cached_only=True)(other, "cpu-8")
     print("cached")
-except aot_tool.NotCached:
+except search.NotCached:
     print("not cached")
 """
 
 
 def test_compile_cache_is_keyed_by_the_lowered_program(tmp_path):
     """tools.aot's cache: a config edit that leaves the training step unchanged reuses the compile
-    (nothing new written, the same measurements); one that changes the step does not."""
+    (nothing new written, the same measurements); one that changes the step does not. (In a
+    subprocess, for its own 8 simulated devices and a cold in-memory jit cache.)"""
     out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
                                                           XLA_FLAGS="--xla_force_host_platform_device_count=8"))
@@ -386,50 +417,41 @@ def test_compile_cache_is_keyed_by_the_lowered_program(tmp_path):
     assert out.stdout.split() == ["2", "True", "True", "True", "True", "not", "cached"]
 
 
-_ALTERNATIVES_SCRIPT = """
-from configs import tiny_sft
-from molmo_jax.analysis import aot
-from tools import aot as aot_tool
-
 class FakeCompiler:
-    # Stands in for CachedCompiler: a report per variant from a table of (remat, tensor) -> (fits, step).
-    aot = aot
-    def __init__(self, table, cached=None):
-        self.table, self.cached, self.calls = table, cached, []
+    """Stands in for search.CachedCompiler: a report per variant from a table of
+    (examples per device, remat, tensor) -> estimated step seconds (absent: does not fit)."""
+
+    def __init__(self, steps, cached=None):
+        self.steps, self.cached, self.calls = steps, cached, []
+
     def __call__(self, config, topology):
-        key = (config.model.remat, config.mesh.tensor)
+        v = search.describe(config)
+        key = (v["micro"], v["remat"], v["mesh"].get("tensor", 1))
         self.calls.append(key)
         if self.cached is not None and key not in self.cached:
-            raise aot_tool.NotCached(str(key))
-        fits, step = self.table[key]
-        return dict(topology=topology, mesh=dict(config.mesh), remat=key[0], fits=fits,
-                    roofline=dict(step_s=step), peak_bytes_per_device=1.0)
-
-cfg = tiny_sft.get_config()  # 4 heads: on v5p-8 (4 chips) the lean variant splits tensor=4
-lean = dict(topology="v5p-8", mesh=dict(data=1, fsdp=1, tensor=4, expert=1), remat="full", fits=True,
-            roofline=dict(step_s=3.0), peak_bytes_per_device=1.0)
-log = lambda *a: None
-for name, table, cached in (
-        ("fsdp", {("dots", 4): (True, 2.0), ("full", 1): (True, 1.0)}, None),
-        ("dots", {("dots", 4): (True, 2.0), ("full", 1): (False, 0.5)}, None),
-        ("lean", {("dots", 4): (False, 1.0), ("full", 1): (False, 0.5)}, None),
-        ("cached_only", {("dots", 4): (True, 2.0), ("full", 1): (True, 1.0)}, {("dots", 4)})):
-    run = FakeCompiler(table, cached)
-    best, tried = aot_tool.try_alternatives(cfg, lean, [lean], run, log)
-    print(name, best["remat"], best["mesh"]["tensor"], best["roofline"]["step_s"], len(tried), sorted(run.calls))
-"""
+            raise search.NotCached(str(key))
+        step = self.steps.get(key)
+        return dict(_report(topology, dict(config.mesh), v["micro"], config.grad_accum_steps, v["remat"],
+                            fits=step is not None, step=step or 0.0), variant=v)
 
 
 def test_search_keeps_the_fastest_variant_that_fits():
-    """tools.aot's search: on the slice where the leanest variant fits it also compiles `dots` remat
-    and plain FSDP; the fastest one that fits wins, a faster one that does not fit never does, and
-    under --cached_only a variant not compiled yet is left out, not an error. (Subprocess: see above.)"""
-    out = subprocess.run([sys.executable, "-c", _ALTERNATIVES_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = out.stdout.strip().splitlines()
-    assert rows == ["fsdp full 1 1.0 3 [('dots', 4), ('full', 1)]",
-                    "dots dots 4 2.0 3 [('dots', 4), ('full', 1)]",
-                    "lean full 4 3.0 3 [('dots', 4), ('full', 1)]",
-                    "cached_only dots 4 2.0 2 [('dots', 4), ('full', 1)]"], rows
-
+    """tools.aot's search from a fitting lean variant: more examples per micro-batch while it helps,
+    then other remat policies, then the neighbouring tensor splits, keeping only moves that fit and
+    are faster; under cached_only a variant not compiled yet is skipped, not an error."""
+    cfg = small_config()  # 8 examples, tiny model (4 heads): on 8 devices the lean split is tensor=4, fsdp=2
+    lean_cfg = search.lean_variant(cfg, 8)
+    assert search.describe(lean_cfg)["mesh"] == dict(fsdp=2, tensor=4)
+    steps = {(1, "full", 4): 3.0, (2, "full", 4): 2.0, (4, "full", 4): 2.5, (2, "dots", 4): 1.5,
+             (2, "dots", 2): 1.2, (1, "dots", 4): 1.9}
+    start = FakeCompiler(steps)(lean_cfg, "v5p-16")
+    run = FakeCompiler(steps)
+    best, tried = search.fastest_variant(cfg, start, run, lambda m: None)
+    assert (best["variant"]["micro"], best["remat"], best["mesh"]["tensor"]) == (2, "dots", 2)
+    assert best["roofline"]["step_s"] == 1.2 and tried[0] is start
+    assert (4, "dots", 2) not in run.calls  # 4 per device on 4 fsdp shards would need 16 examples
+    assert len(run.calls) == len(set(run.calls))  # nothing compiled twice
+    assert (8, "full", 4) not in run.calls  # 4 examples per device on 2 fsdp shards is the whole batch
+    cached = FakeCompiler(steps, cached={(2, "full", 4)})
+    best, _ = search.fastest_variant(cfg, start, cached, lambda m: None)
+    assert (best["variant"]["micro"], best["remat"]) == (2, "full")

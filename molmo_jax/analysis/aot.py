@@ -192,7 +192,8 @@ def compile_report(config, topo: Topology, mesh_spec: dict | None = None, device
         micro_batch_per_device=b / accum / batch_shards, batch_replicated=(b // accum) % batch_shards != 0,
         param_count=sum(math.prod(p.shape) for p in jax.tree.leaves(params)),
         param_bytes_per_device=bytes_per_device(params), opt_state_bytes_per_device=bytes_per_device(opt_state),
-        grad_bytes_per_device=bytes_per_device(params, jnp.float32),  # the accumulator of the step
+        grad_accum_dtype=config.get("grad_accum_dtype", "float32"),
+        grad_bytes_per_device=bytes_per_device(params, config.get("grad_accum_dtype", "float32")),  # the accumulator
         batch_bytes_per_device=bytes_per_device(batch), hbm_bytes_per_device=budget,
         model_flops_per_device=flops_lib.train_step_flops(config.model, b, t, crops) / len(devices))
     if not compile:

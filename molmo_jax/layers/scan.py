@@ -26,12 +26,18 @@ def scan_layers(body, carry, stacked_module: nnx.Module, xs=None, remat: str = "
         return body(c, nnx.merge(graphdef, layer_state), x)
 
     if remat != "none":
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={remat!r}; choose 'none' or one of {', '.join(REMAT_POLICIES)}")
         policy = REMAT_POLICIES[remat]
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs), unroll=int(unroll))
 
 
+# "full" keeps only each block's input; "dots" keeps the outputs of the weight matmuls (dots without
+# batch dimensions) and recomputes the rest, attention included; "offload" keeps the same outputs in
+# host memory (TPU and GPU: the chip's pinned host memory) instead of HBM.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
