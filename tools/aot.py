@@ -49,8 +49,8 @@ _ONLY = flags.DEFINE_string("only", None, "--table: search only the configs whos
 _CACHED_ONLY = flags.DEFINE_bool("cached_only", False, "--table: compile nothing, write what the cache holds "
                                  "(searches that need a new compile stay 'not searched yet')")
 _CACHE = flags.DEFINE_string("cache", os.path.join(os.path.expanduser("~"), ".cache", "molmo_jax", "aot"),
-                             "--table: directory caching each compile's report and HLO (keyed by the config, "
-                             "topology, versions and model source); '' = no cache")
+                             "--table: directory caching each compile's report and HLO (keyed by the lowered "
+                             "program, device layout, memory budget and versions); '' = no cache")
 
 
 def _setup_environment(topology: str):
