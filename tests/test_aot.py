@@ -243,6 +243,29 @@ ENTRY %main (q: bf16[2,4,2,2304,128], k: bf16[2,4,2304,128], v: bf16[2,4,2304,12
     assert stats.hbm_by_category["attention"] == stats.hbm_bytes
 
 
+def test_attention_kernel_named_after_its_caller_is_counted():
+    """Under remat and a batching loop XLA names the splash call after the enclosing function
+    (`closed_call.N`); its op_name still ends in the splash function and the pallas call, which is
+    what identifies the kernel and its kind (dq: 6 x queries x keys x head_dim)."""
+    text = """HloModule m
+ENTRY %main (q: bf16[7,2304,128], k: bf16[2304,128], v: bf16[2304,128], m: s32[81,256,256]) -> f32[7,2304,128] {
+  %q = bf16[7,2304,128]{2,1,0} parameter(0)
+  %k = bf16[2304,128]{1,0} parameter(1)
+  %v = bf16[2304,128]{1,0} parameter(2)
+  %m = s32[81,256,256]{2,1,0} parameter(3)
+  ROOT %closed_call.827 = f32[7,2304,128]{2,1,0} custom-call(%q, %k, %v, %m), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 256}"
+}}, metadata={op_name="jit(step)/while/body/closed_call/shard_map/vmap(dynamic_sparsity_splash)/jit(_splash_attention)/splash_mqa_dq/splash_mqa_dq/closed_call/while/body/closed_call/pallas_call" stack_frame_id=2}
+}
+"""
+    stats = hlo_stats.analyse_hlo(text, 1)
+    assert stats.flops == 6 * (7 * 2304) * 2304 * 128
+    assert stats.hbm_by_category["attention"] == stats.hbm_bytes > 0
+    # The same custom call without a splash op_name is not an attention kernel.
+    plain = text.replace("splash_mqa_dq/splash_mqa_dq", "other_kernel")
+    assert hlo_stats.analyse_hlo(plain, 1).flops == 0
+
+
 def test_stacked_arrays_read_through_nested_fusions_count_the_slice():
     """A fusion that reads one layer of a stacked [layers, ...] array (saved activations under remat)
     through a nested fusion's dynamic-slice reads that layer, not the whole stack."""

@@ -129,12 +129,28 @@ def splash_flops(ins: Instr, shapes: dict) -> float:
     q, s = _splash_shapes(ins, shapes)
     if q is None:
         return 0.0
-    factor = next((f for kind, f in SPLASH_FACTORS if f"_{kind}" in ins.name), 4.0)
+    name = _splash_name(ins)
+    factor = next((f for kind, f in SPLASH_FACTORS if f"_{kind}" in name), 4.0)
     return factor * math.prod(q[:-1]) * s * q[-1]
 
 
+_SPLASH_OP = re.compile(r'op_name="[^"]*?((?:splash_\w+/)+)[^"]*pallas_call"')
+
+
+def _splash_name(ins: Instr) -> str:
+    """The splash kernel a custom call runs ('' if none): its instruction name, or, where XLA named
+    the call after an enclosing function (a splash call under remat or a batching loop becomes
+    `closed_call.N`), the innermost splash function of its op_name."""
+    if ins.opcode != "custom-call":
+        return ""
+    if ins.name.startswith("splash_"):
+        return ins.name
+    m = _SPLASH_OP.search(ins.attrs) if "tpu_custom_call" in ins.attrs else None
+    return m.group(1).rstrip("/").rsplit("/", 1)[-1] if m else ""
+
+
 def _is_splash(ins: Instr) -> bool:
-    return ins.opcode == "custom-call" and ins.name.startswith("splash_")
+    return bool(_splash_name(ins))
 
 
 def _splash_traffic(ins: Instr, shapes: dict) -> float:
