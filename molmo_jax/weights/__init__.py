@@ -72,11 +72,7 @@ def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, con
         if not cfg.lora.get("base"):
             raise WeightsError(f"{info.config_path}: adapters without a base (lora.base is empty)")
         _, base = load(cfg.lora.base, shardings=shardings, dtype=dtype)
-        flat = flatten_params(base)
-        if quant.enabled(cfg):  # QLoRA: the base the adapters were trained on was stored quantized
-            from molmo_jax.models import abstract_model
-
-            flat = quant.quantize_params(flat, abstract_model(cfg), cfg.quant)
+        flat = lora.frozen_base(flatten_params(base), cfg)  # quantized or bfloat16 as it was trained
         flat |= restore_params(info.params_dir, cfg, shardings, dtype, select=lora.is_adapter)
     else:
         flat = restore_params(info.params_dir, cfg, shardings, dtype)
