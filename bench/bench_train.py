@@ -2,14 +2,18 @@
 
     .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
                                           [--dtype float32|bfloat16] [--lora-rank R]
+                                          [--lora-base keep|bfloat16|int8|int4] [--loss-chunk-tokens N]
 
 Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32
 (unless `--dtype`), through the real trainer step (one device). Reports the median step time, the peak resident memory
 of this process, and the model FLOP rate against this CPU's matmul rate measured in the same run.
 `--dtype bfloat16` computes in bf16 (parameters and optimizer state stay f32); its rate is then set
 against the bf16 matmul rate as well as the f32 one. `--lora-rank R` trains rank-R adapters on the
-LLM's projections alone (the base frozen, no optimizer state for it); run it in its own process to
-compare peak memory with full fine-tuning.
+LLM's projections alone (the base frozen, no optimizer state for it), `--lora-base` stores that base
+in bfloat16 or quantized; run each in its own process to compare peak memory with full fine-tuning.
+`--loss-chunk-tokens N` runs the output head and softmax on N positions at a time. Memory is
+reported three ways: the process's peak RSS (setup and compile included), the peak RSS over the
+timed steps alone (`step_peak_rss_gb`), and XLA's buffers of the compiled step (`step_buffers`).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from molmo_jax import trainer as trainer_lib
 ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # shared/bench/README.md
 
 
-def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32", lora_rank: int = 0):
+def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32", lora_rank: int = 0,
+               lora_base: str = "keep", loss_chunk_tokens: int = 0):
     """The bench-s config and a function running one real trainer step on one device (blocks until done)."""
     c = base.base(config_lib.bench_s(), "sft")
     c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=max_loss_tokens,
@@ -40,6 +45,8 @@ def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = 
     c.model.scan_unroll = scan_unroll
     c.model.dtype = dtype
     c.lora.rank = lora_rank
+    c.lora.base_weights = lora_base
+    c.loss_chunk_tokens = loss_chunk_tokens
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=1e-4, warmup=1)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
@@ -53,10 +60,11 @@ def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = 
         jax.block_until_ready(m["loss"])
         state.update(params=p, opt=o, i=state["i"] + 1)
 
-    def compiled_text():
+    def compiled():
         with sharding.use_mesh(mesh):
-            return trainer._step.lower(state["params"], state["opt"], batch, jnp.int32(0)).compile().as_text()
-    step.compiled_text = compiled_text  # the optimised HLO, for bench/profile_train.py
+            return trainer._step.lower(state["params"], state["opt"], batch, jnp.int32(0)).compile()
+    step.compiled = compiled
+    step.compiled_text = lambda: compiled().as_text()  # the optimised HLO, for bench/profile_train.py
     return c, step
 
 
@@ -70,22 +78,32 @@ def main():
     parser.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration")
     parser.add_argument("--dtype", default="float32", choices=common.MATMUL_DTYPES, help="compute dtype")
     parser.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters alone (0: full fine-tuning)")
+    parser.add_argument("--lora-base", default="keep", choices=("keep", "bfloat16", "int8", "int4"),
+                        help="how the frozen base of --lora-rank is stored")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=0, help="head on this many positions at a time")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
     torch_rate = common.matmul_gflops("torch")
     bf16_rate = common.matmul_gflops("jax", "bfloat16") if args.dtype == "bfloat16" else None
-    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype, args.lora_rank)
-    times = common.time_runs(step, args.runs, warmup=2)
+    c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype, args.lora_rank,
+                         args.lora_base, args.loss_chunk_tokens)
+    for _ in range(2):  # warm-up: compile and the first steps
+        step()
+    peak_gb = common.peak_rss_gb()
+    steps_only = common.reset_peak_rss()
+    times = common.time_runs(step, args.runs, warmup=0)
+    step_peak_gb = common.peak_rss_gb() if steps_only else None
     s = common.summary(times)
     heads = None if not args.max_loss_tokens else args.max_loss_tokens // BATCH
     ours = flops_lib.train_step_flops(c.model, BATCH, SEQ_LEN, 5, heads)
     common.report("train_step", dict(
         remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens,
-        lora_rank=args.lora_rank,
+        lora_rank=args.lora_rank, lora_base=args.lora_base, loss_chunk_tokens=args.loss_chunk_tokens,
         seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
-        peak_rss_gb=common.peak_rss_gb(), peak_vs_original=common.peak_rss_gb() / ORIGINAL_PEAK_GB,
+        peak_rss_gb=max(peak_gb, step_peak_gb or 0), peak_vs_original=max(peak_gb, step_peak_gb or 0) / ORIGINAL_PEAK_GB,
+        step_peak_rss_gb=step_peak_gb, step_buffers=common.compiled_memory(step.compiled()),
         executed_gflop=ours / 1e9, executed_gflops=ours / s["median"] / 1e9,
         original_count_gflops=ORIGINAL_STEP_TFLOP * 1e3 / s["median"],
         jax_matmul_gflops=jax_rate, torch_matmul_gflops=torch_rate,

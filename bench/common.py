@@ -61,7 +61,28 @@ def summary(times):
 
 
 def peak_rss_gb() -> float:
+    """The process's peak resident memory since it started or since `reset_peak_rss`."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak count from the current resident memory (Linux: /proc/self/clear_refs "5"),
+    so that a later `peak_rss_gb` covers only what ran since; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's buffer sizes of a compiled program, GB: arguments, outputs not aliased to arguments,
+    temporaries (their peak, after buffer sharing)."""
+    ma = compiled.memory_analysis()
+    return dict(arguments_gb=ma.argument_size_in_bytes / 1e9,
+                outputs_gb=(ma.output_size_in_bytes - ma.alias_size_in_bytes) / 1e9,
+                temporaries_gb=ma.temp_size_in_bytes / 1e9)
 
 
 def report(name: str, result: dict):

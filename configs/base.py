@@ -21,6 +21,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
     c.grad_accum_dtype = "float32"  # the gradient accumulator: float32 as the original reduces; or bfloat16
     c.seq_len = 2304
     c.max_loss_tokens = 0         # per micro-batch; 0 = every position (no cap)
+    c.loss_chunk_tokens = 0       # > 0: the output head and softmax run on this many positions at a time
     c.optimizer = optim.optimizer_config()
     c.lora = lora.lora_config()   # low-rank adapters: lora.rank > 0 trains them alone on init_from's weights
     c.log_every = 10

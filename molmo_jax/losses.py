@@ -40,7 +40,7 @@ def loss_fn(outputs, labels, loss_masks, normalizer=None):
     return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w)
 
 
-def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normalizer=None):
+def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normalizer=None, chunk_tokens: int = 0):
     """The same loss as `loss_fn`, with the output head (`head(hidden) -> logits`) applied only where
     the weight is > 0.
 
@@ -49,6 +49,11 @@ def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normaliz
     instead of B x T x vocab. Selecting per row (not over the flattened batch) keeps the batch
     sharding: the gathered states and the logits stay split over the batch axes and the vocabulary
     over `tensor`. Positions beyond K in a row are dropped and counted in `n_dropped`.
+
+    `chunk_tokens` > 0 runs the head on about that many positions of the batch at a time
+    (`lax.map` over chunks of the K positions, each rematerialised), so the float32 logits and
+    their gradient exist for one chunk only: B x K x vocab x 4 bytes (128 MB at bench-s) becomes
+    one chunk's share. The sums are the same terms in another order.
     """
     b, t, _ = hidden.shape
     k = max(1, min(t, -(-int(max_loss_tokens) // b)))
@@ -59,18 +64,33 @@ def sparse_loss(head, hidden, labels, loss_masks, max_loss_tokens: int, normaliz
     h = constrain(jnp.take_along_axis(hidden, pos[..., None], axis=1), ("batch", None, "act_embed"))
     w = jnp.where(taken, jnp.take_along_axis(weights, pos, axis=1), 0.0)
     lab = jnp.where(taken, jnp.take_along_axis(labels, pos, axis=1), -1)
-    logits = constrain(head(h), ("batch", None, "act_vocab"))
-    ce, z, w = token_losses(logits, lab, w)
-    denom = jnp.maximum(jnp.sum(w) if normalizer is None else normalizer, 1e-8)
+
+    def chunk_sums(h, lab, w):
+        ce, z, w = token_losses(constrain(head(h), ("batch", None, "act_vocab")), lab, w)
+        return jnp.sum(ce), jnp.sum(z), jnp.sum(w)
+
+    per_row = max(1, -(-int(chunk_tokens) // b)) if chunk_tokens else k
+    if per_row >= k:
+        ce, z, w = chunk_sums(h, lab, w)
+    else:
+        n = -(-k // per_row)
+        pad = n * per_row - k  # padded positions carry weight 0
+        h, lab, w = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=c)
+                     for x, c in ((h, 0), (lab, -1), (w, 0)))
+        split = lambda x: jnp.moveaxis(x.reshape((b, n, per_row) + x.shape[2:]), 1, 0)  # noqa: E731
+        sums = jax.lax.map(lambda xs: jax.checkpoint(chunk_sums)(*xs), (split(h), split(lab), split(w)))
+        ce, z, w = (jnp.sum(s) for s in sums)
+    denom = jnp.maximum(w if normalizer is None else normalizer, 1e-8)
     n_dropped = jnp.sum(jnp.maximum(counts - k, 0))
-    return jnp.sum(ce) / denom, jnp.sum(z) / denom, jnp.sum(w), n_dropped
+    return ce / denom, z / denom, w, n_dropped
 
 
-def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=None, dropout_rng=None):
+def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=None, dropout_rng=None,
+                  loss_chunk_tokens: int = 0):
     """The trainer's objective on one (micro-)batch: (loss + z_loss, {loss, z_loss, weight,
     dropped_loss_tokens}). The head runs only at weighted positions (`sparse_loss`, at most
     `max_loss_tokens` of them; 0 = every position); `normalizer` is the whole batch's weight when
-    this is one micro-batch of several. The model reads the batch arrays its family names (`INPUTS`);
+    this is one micro-batch of several; `loss_chunk_tokens` runs the head in chunks (`sparse_loss`). The model reads the batch arrays its family names (`INPUTS`);
     any other model input the batch holds (e.g. packed `subsegment_ids` for a family without packing)
     is refused rather than dropped."""
     names = type(model).INPUTS
@@ -81,5 +101,5 @@ def training_loss(model, batch: dict, *, max_loss_tokens: int = 0, normalizer=No
     out = model(**inputs, response_mask=batch["loss_masks"] > 0, dropout_rng=dropout_rng, return_logits=False)
     max_tokens = max_loss_tokens or batch["input_ids"].size
     loss, z, w, dropped = sparse_loss(model.llm.logits, out["hidden"], batch["target_tokens"], batch["loss_masks"],
-                                      max_tokens, normalizer)
+                                      max_tokens, normalizer, chunk_tokens=loss_chunk_tokens)
     return loss + z, dict(loss=loss, z_loss=z, weight=w, dropped_loss_tokens=dropped)

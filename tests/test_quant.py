@@ -52,6 +52,7 @@ def test_quantize_save_load_equals_quantize(saved, tmp_path):
     ("int3", "choose one of float, int8, int4"),
     ("int4:x", "group size must be a positive integer"),
     ("int4:48", "int4 group size 48 does not divide"),
+    ("int8+tail", "the only suffix is \\+head"),
 ])
 def test_bad_settings_are_one_line_errors(saved, kind, message):
     with pytest.raises(weights.WeightsError, match=message):
@@ -64,3 +65,20 @@ def test_quantized_array_round_trip():
     assert q.dtype == np.int8 and scale.shape == (3, 1, 8)
     back = np.asarray(quant.dequantize(jnp.asarray(q), jnp.asarray(scale), jnp.float32))
     assert np.abs(back - w).max() <= np.abs(w).max(axis=1, keepdims=True).max() / 127
+
+
+def test_output_head_stays_float_unless_asked(saved):
+    """The head decides top-1 agreement and is the one large dequantized temporary of a decode step
+    (layers.quant.quant_config): float by default, quantized with "+head"; a config saved before the
+    choice existed (no `head` key) quantized it and still loads that way."""
+    cfg, plain = weights.load(saved / "float", quantize="int8")
+    assert cfg.quant.head is False
+    flat = model_to_flat(plain)
+    assert flat[("llm", "ff_out", "kernel")].dtype == np.float32 and ("llm", "ff_out", "kernel_scale") not in flat
+    assert flat[("llm", "blocks", "attn", "wq", "kernel")].dtype == np.int8
+    cfg, full = weights.load(saved / "float", quantize="int8+head")
+    assert cfg.quant.head is True and model_to_flat(full)[("llm", "ff_out", "kernel")].dtype == np.int8
+    old = quant.quant_config("int8")
+    del old["head"]
+    model = create_model(config_lib.tiny(), seed=0)
+    assert "llm.ff_out" in [name for name, _ in quant.check(old, model)]

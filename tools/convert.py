@@ -3,6 +3,7 @@
     python -m tools.convert import SRC DST [--config FILE|PRESET] [--dtype D] [--mesh data=1,fsdp=4,tensor=2]
     python -m tools.convert export SRC DST [--format hf|state_dict] [--dtype D] [--shard-size 5GB]
                                            [--tokenizer DIR] [--remote-code DIR]
+    python -m tools.convert export RUN DST --adapters-only [--dtype D]
     python -m tools.convert init-from-base --vit CLIP_DIR --llm LLM_DIR DST [--vit-layers -2,-9] [--seed 0]
 
 import: SRC is a released HF Molmo directory, an original-repo directory (config.json +
@@ -11,6 +12,8 @@ model.safetensors), a transformers Molmo2 directory (config.json model_type "mol
 with weights_only=True).
 export: SRC is a molmo_jax model directory, a training directory (latest step) or a step directory;
 a Molmo2 becomes a directory that transformers' Molmo2ForConditionalGeneration.from_pretrained loads.
+A LoRA run exports merged into its base; with --adapters-only its adapters alone become a PEFT adapter
+directory (adapter_config.json + adapter_model.safetensors) for the released PyTorch model.
 Every command validates first and writes DST atomically; an existing DST needs --overwrite.
 """
 from __future__ import annotations
@@ -50,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--shard-size", default="5GB", help="maximum tensor bytes per shard (default 5GB)")
     p.add_argument("--tokenizer", help="tokenizer directory to copy (default: SRC/tokenizer, if any)")
     p.add_argument("--remote-code", help="a released Molmo directory whose *.py / processor files to copy")
+    p.add_argument("--adapters-only", action="store_true",
+                   help="a LoRA run's adapters alone, as a PEFT adapter directory (peft.PeftModel.from_pretrained)")
 
     p = sub.add_parser("init-from-base", help="HF CLIP vision + HF Qwen2/OLMo-2/OLMoE -> Molmo for stage 1")
     p.add_argument("--vit", required=True, help="CLIPVisionModel (or CLIPModel) directory")
@@ -89,6 +94,11 @@ def main(argv=None):
             mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
             summary = weights.import_checkpoint(args.src, args.dst, config=args.config, dtype=args.dtype,
                                                 mesh=mesh, tokenizer=args.tokenizer, **common)
+        elif args.command == "export" and args.adapters_only:
+            if args.fmt != "hf" or args.tokenizer or args.remote_code:
+                raise WeightsError("--adapters-only writes a PEFT adapter directory; --format, --tokenizer and "
+                                   "--remote-code do not apply to it")
+            summary = weights.export_adapters(args.src, args.dst, dtype=args.dtype, **common)
         elif args.command == "export":
             summary = weights.export_checkpoint(args.src, args.dst, dtype=args.dtype, fmt=args.fmt,
                                                 tokenizer=args.tokenizer, shard_size=args.shard_size,

@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                         help="shard the parameters and batches over a device mesh, e.g. data=1,fsdp=-1,tensor=2 "
                              "(default: one device)")
-    parser.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP]", 
-                        help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128)")
+    parser.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP][+head]",
+                        help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128; +head: the output head too)")
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--high-res", action="store_true", help="36 crops per image (the high-res setting)")
     parser.add_argument("--tokenizer", default=None)

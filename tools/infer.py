@@ -50,8 +50,8 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--style", default="demo", help="prompt style; 'demo' = no prefix, e.g. 'vqa2' adds 'vqa2:'")
     p.add_argument("--max-crops", type=int, default=None, help="image crops (default: the model's)")
-    p.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP]", 
-                   help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128)")
+    p.add_argument("--weights", default=None, metavar="float|int8|int4[:GROUP][+head]",
+                   help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128; +head: the output head too)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --batch mode")
     args = p.parse_args(argv)
     if args.image is not None and not args.prompt:

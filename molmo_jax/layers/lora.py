@@ -26,7 +26,7 @@ from flax import nnx
 ADAPTERS = ("lora_a", "lora_b")
 # The LLM's attention and MLP projections.
 DEFAULT_TARGETS = r"^llm\.blocks\.(attn\.w[qkvo]|ffn\.w_(up|gate|down))\.kernel$"
-BASE_WEIGHTS = ("keep", "int8", "int4")
+BASE_WEIGHTS = ("keep", "bfloat16", "int8", "int4")
 
 
 def lora_config(**overrides) -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def lora_config(**overrides) -> ml_collections.ConfigDict:
         rank=0,                    # 0 = no adapters
         alpha=16.0,                # the adapters' output is scaled by alpha / rank
         targets=DEFAULT_TARGETS,   # regex over parameter paths of Dense kernels
-        base_weights="keep",       # the frozen base: "keep" its dtype, or store it "int8" / "int4" (QLoRA)
+        base_weights="keep",       # the frozen base: "keep" its dtype, store it "bfloat16", or "int8" / "int4" (QLoRA)
         group=128,                 # int4 base: one scale per this many inputs
         base="",                   # the checkpoint the adapters were trained on (set by the trainer)
     ))
@@ -102,6 +102,30 @@ def add_adapters(model, lcfg, seed: int = 0):
                                           out_sharding=stack_axes + ("lora_rank",) + out_axes, eager_sharding=False))
         dense.lora_scale = float(lcfg.alpha) / float(lcfg.rank)
     return model
+
+
+def cast_base(model, dtype):
+    """Store every floating parameter of `model` except the adapters in `dtype` (in place), for
+    `lora.base_weights="bfloat16"`: the frozen base takes half the memory; with a bfloat16 compute
+    dtype its projections compute exactly what they did, since a Dense casts its kernel to the
+    compute dtype anyway."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param) and not is_adapter(path) and jnp.issubdtype(node.dtype, jnp.floating):
+            node.value = node.value.astype(dtype)
+    return model
+
+
+def frozen_base(flat: dict, cfg) -> dict:
+    """Flat base parameters {path: array} in the form the adapted model `cfg` stores its frozen base:
+    quantized (QLoRA, `cfg.quant`), cast to bfloat16, or as they are."""
+    from molmo_jax.layers import quant
+    from molmo_jax.models import abstract_model
+
+    if quant.enabled(cfg):
+        return quant.quantize_params(flat, abstract_model(cfg), cfg.quant)
+    if cfg.lora.get("base_weights") == "bfloat16":
+        return {p: (v.astype(jnp.bfloat16) if jnp.issubdtype(v.dtype, jnp.floating) else v) for p, v in flat.items()}
+    return flat
 
 
 def delta(a, b, n_stack: int):

@@ -20,21 +20,33 @@ from flax import nnx
 
 KINDS = ("float", "int8", "int4")
 TARGETS = r"^llm\."   # the decoder's projections and output head: what a decode step reads
+HEAD = r"^llm\.ff_out$"
 DEFAULT_GROUP = 128
 
 
-def quant_config(weights: str = "float", group: int = DEFAULT_GROUP) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(weights=weights, group=int(group)))
+def quant_config(weights: str = "float", group: int = DEFAULT_GROUP, head: bool = False) -> ml_collections.ConfigDict:
+    """`head`: quantize the output head too. Off by default: the head's logits are what top-1
+    agreement is decided on (int4 in groups of 16 on the golden olmo-style model: 72.7% with the head
+    quantized, 84.4% without), and its dequantized float32 copy (vocab x d_model, 64 MB at bench-s) is
+    the one temporary of a decode step above glibc's 32 MB mmap limit, page-faulted in again every
+    token on a CPU (docs/benchmarks.md, bench_matvec)."""
+    return ml_collections.ConfigDict(dict(weights=weights, group=int(group), head=bool(head)))
 
 
 def parse(text: str) -> ml_collections.ConfigDict:
-    """"int8", "int4", "int4:64" (groups of 64 inputs) or "float" -> a quant config."""
-    kind, _, group = str(text).partition(":")
+    """"int8", "int4", "int4:64" (groups of 64 inputs) or "float", with "+head" to quantize the
+    output head as well (e.g. "int8+head") -> a quant config."""
+    text = str(text)
+    body, plus, extra = text.partition("+")
+    if plus and extra != "head":
+        raise ValueError(f"weights {text!r}: the only suffix is +head (quantize the output head too)")
+    kind, _, group = body.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"weights {text!r}: choose one of {', '.join(KINDS)} (int4 takes :GROUP, e.g. int4:64)")
+        raise ValueError(f"weights {text!r}: choose one of {', '.join(KINDS)} (int4 takes :GROUP, e.g. int4:64; "
+                         "+head quantizes the output head too)")
     if group and not group.isdigit():
         raise ValueError(f"weights {text!r}: the int4 group size must be a positive integer")
-    return quant_config(kind, int(group) if group else DEFAULT_GROUP)
+    return quant_config(kind, int(group) if group else DEFAULT_GROUP, head=bool(plus))
 
 
 def enabled(cfg) -> bool:
@@ -42,20 +54,21 @@ def enabled(cfg) -> bool:
     return q is not None and q.get("weights", "float") != "float"
 
 
-def _targets(model):
+def _targets(model, head: bool):
     from molmo_jax.layers.core import Dense
 
-    pattern = re.compile(TARGETS)
+    pattern, head_pattern = re.compile(TARGETS), re.compile(HEAD)
     for path, node in nnx.iter_graph(model):
         name = ".".join(str(p) for p in path)
-        if isinstance(node, Dense) and pattern.search(name):
+        if isinstance(node, Dense) and pattern.search(name) and (head or not head_pattern.search(name)):
             yield name, node
 
 
 def check(qcfg, model) -> list:
     if qcfg.weights not in KINDS:
         raise ValueError(f"weights={qcfg.weights!r}; choose one of {', '.join(KINDS)}")
-    found = list(_targets(model))
+    # configs saved before `head` existed quantized the head
+    found = list(_targets(model, bool(qcfg.get("head", True))))
     if qcfg.weights == "int4":
         for name, dense in found:
             width = dense.in_shape[-1]

@@ -35,11 +35,15 @@ def model_class(cfg) -> type[nnx.Module]:
 
 def create_model(cfg, seed: int = 0) -> nnx.Module:
     """A model with fresh parameters; with a `quant` section its LLM kernels have the quantized
-    structure (int8 values, zero until loaded or quantized); with `lora.rank` > 0, adapters."""
+    structure (int8 values, zero until loaded or quantized); with `lora.rank` > 0, adapters (and with
+    `lora.base_weights="bfloat16"` the rest stored in bfloat16)."""
     model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
     if quant.enabled(cfg):
         quant.quantize_model(model, cfg.quant, values=False)
-    return lora.add_adapters(model, cfg.lora, seed) if lora.enabled(cfg) else model
+    if not lora.enabled(cfg):
+        return model
+    lora.add_adapters(model, cfg.lora, seed)
+    return lora.cast_base(model, "bfloat16") if cfg.lora.get("base_weights") == "bfloat16" else model
 
 
 def abstract_model(cfg) -> nnx.Module:

@@ -7,7 +7,7 @@
 
 and the streaming converters behind `python -m tools.convert`: `import_checkpoint` (PyTorch Molmo
 -> model directory), `export_checkpoint` (-> released HF layout or a state dict file) and
-`init_from_base` (HF CLIP + Qwen2 / OLMo-2 / OLMoE -> a Molmo for stage 1).
+`export_adapters` (a LoRA run's adapters -> a PEFT adapter directory) and `init_from_base` (HF CLIP + Qwen2 / OLMo-2 / OLMoE -> a Molmo for stage 1).
 
 Inside, imports run one way, from the converters down: `locate` (what a path is), `pytorch` (Molmo
 configs and tensors), `orbax_io` / `stream_orbax` (this project's format), `mappings/<family>.py`
@@ -24,12 +24,13 @@ from molmo_jax.weights.importer import import_checkpoint
 from molmo_jax.weights.locate import CheckpointInfo, find_checkpoint
 from molmo_jax.layers import lora, quant
 from molmo_jax.weights.orbax_io import restore_params, save_model, shardings_by_path, stored_params
+from molmo_jax.weights.peft_out import export_adapters
 from molmo_jax.weights.params import flatten_params, model_from_flat, uniform_dtype
 from molmo_jax.weights.pytorch import convert_tensors, open_pytorch, read_config, read_pytorch
 
 save = save_model
 __all__ = ["WeightsError", "CheckpointInfo", "find_checkpoint", "load", "load_config", "save", "save_model",
-           "read_pytorch", "import_checkpoint", "export_checkpoint", "init_from_base"]
+           "read_pytorch", "import_checkpoint", "export_checkpoint", "export_adapters", "init_from_base"]
 
 
 def load_config(path, config=None):
@@ -72,11 +73,7 @@ def load(path, *, shardings=None, mesh=None, dtype=None, compute_dtype=None, con
         if not cfg.lora.get("base"):
             raise WeightsError(f"{info.config_path}: adapters without a base (lora.base is empty)")
         _, base = load(cfg.lora.base, shardings=shardings, dtype=dtype)
-        flat = flatten_params(base)
-        if quant.enabled(cfg):  # QLoRA: the base the adapters were trained on was stored quantized
-            from molmo_jax.models import abstract_model
-
-            flat = quant.quantize_params(flat, abstract_model(cfg), cfg.quant)
+        flat = lora.frozen_base(flatten_params(base), cfg)  # quantized or bfloat16 as it was trained
         flat |= restore_params(info.params_dir, cfg, shardings, dtype, select=lora.is_adapter)
     else:
         flat = restore_params(info.params_dir, cfg, shardings, dtype)
