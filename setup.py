@@ -34,7 +34,7 @@ EXTRAS = {
     # The PyTorch side: the converter and parity tests. torch must be pinned exactly: the CPU wheel of
     # 2.13.0 is what installs here without pulling a multi-GB CUDA build.
     "pytorch": ["torch==2.13.0", "safetensors==0.8.0"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "transformers==5.23.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "transformers==5.23.0", "peft==0.21.2"],
     # Ahead-of-time compilation for TPU topologies on a CPU host (the version jax 0.10.2 pins).
     "tpu": ["libtpu==0.0.42.1"],
 }

@@ -150,3 +150,71 @@ def test_int4_group_that_does_not_divide_is_a_clear_error(runs):
     out = _train(runs, runs / "bad_group", "--config.lora.base_weights=int4", "--config.lora.group=48")
     assert out.returncode == 2 and "int4 group size 48 does not divide" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _released_linears(tensors: dict, names):
+    """A torch module tree with the released Molmo's Linear names (`model.transformer...`), holding
+    `tensors` (released keys) for the Linears `names`."""
+    import torch
+
+    root = torch.nn.Module()
+    for name in names:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        w = tensors[name + ".weight"]
+        bias = tensors.get(name + ".bias")
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        parent.add_module(leaf, linear)
+    return root
+
+
+def test_adapters_only_export_loads_in_peft_and_gives_the_merged_model(runs):
+    """`export --adapters-only`: PEFT's LoRA (pinned in the test extras) on the base's released Linears
+    gives the merged export's Linears: fused att_proj (q|k|v) and ff_proj (up|gate) as one adapter of
+    rank 3r / 2r each, with alpha scaled to keep alpha / r."""
+    import glob
+
+    import peft
+    import torch
+    from safetensors.torch import load_file
+
+    weights.export_adapters(runs / "full", runs / "peft")
+    config = json.loads((runs / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16.0
+    adapters = load_file(runs / "peft" / "adapter_model.safetensors")
+    assert adapters["base_model.model.model.transformer.blocks.0.att_proj.lora_A.weight"].shape == (12, 64)
+    assert adapters["base_model.model.model.transformer.blocks.0.ff_proj.lora_B.weight"].shape == (2 * 96, 8)
+    weights.export_checkpoint(runs / "base", runs / "base_hf")
+    weights.export_checkpoint(runs / "full", runs / "merged_hf")
+    def read(d):
+        return {k: v for f in glob.glob(str(d / "*.safetensors")) for k, v in load_file(f).items()}
+    base, merged = read(runs / "base_hf"), read(runs / "merged_hf")
+    names = [f"model.transformer.blocks.{i}.{m}" for i in range(2) for m in ("att_proj", "attn_out", "ff_proj", "ff_out")]
+    names.append("model.transformer.ff_out")  # the head: not adapted, must stay as it is
+    model = peft.PeftModel.from_pretrained(_released_linears(base, names), str(runs / "peft"))
+    x = torch.randn(5, 96)
+    for name in names:
+        module = model.base_model.model.get_submodule(name)
+        assert isinstance(module, peft.tuners.lora.Linear) == (name != "model.transformer.ff_out"), name
+        ref = torch.nn.functional.linear(x[:, :module.in_features], merged[name + ".weight"], merged.get(name + ".bias"))
+        # float32 in another order (PEFT adds x A^T B^T to x W^T): 3e-7 measured on outputs of ~0.1
+        torch.testing.assert_close(module(x[:, :module.in_features]), ref, atol=2e-6, rtol=0)
+    unloaded = model.merge_and_unload()
+    for name in names:
+        torch.testing.assert_close(unloaded.get_submodule(name).weight, merged[name + ".weight"], atol=2e-6, rtol=0)
+
+
+def test_adapters_only_refuses_a_model_without_adapters(runs):
+    out = subprocess.run([sys.executable, "-m", "tools.convert", "export", str(runs / "base"), str(runs / "nope"),
+                          "--adapters-only", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0 and "has no adapters (lora.rank is 0)" in out.stderr and "Traceback" not in out.stderr
+    assert not (runs / "nope").exists()
