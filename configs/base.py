@@ -79,6 +79,20 @@ def sft(model) -> ml_collections.ConfigDict:
     return c
 
 
+def molmo2_sft(model) -> ml_collections.ConfigDict:
+    """Molmo2 fine-tuning (docs/architecture.md#molmo2-training-data): Molmo's stage-2 recipe at 128
+    sequences of 16,384 tokens a step, Molmo2's fine-tuning size as we read its technical report, one image
+    per sequence (no packing yet) and no residual dropout; data: the PixMo mixture unless a mixture of
+    yours is named, and `data.tokenizer` must name the checkpoint's tokenizer folder."""
+    c = sft(model)
+    c.model.llm.update(residual_dropout=0.0)
+    c.batch_size = 128
+    c.seq_len = 16384
+    c.model.remat = "full"
+    c.model.dtype = "bfloat16"
+    return c
+
+
 def cpu_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a stage config to run on a CPU in seconds (the `tiny_*` configs)."""
     c.batch_size = 4

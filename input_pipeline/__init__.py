@@ -29,7 +29,9 @@ import os
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "molmo_jax", "assets")
 TINY_TOKENIZER = os.path.join(_ASSETS, "tiny_tokenizer")
 DEMO_TOKENIZER = os.path.join(_ASSETS, "demo_tokenizer")    # whole words (tools/build_demo_tokenizer.py)
-BUNDLED_TOKENIZERS = {"tiny": TINY_TOKENIZER, "bench_s": TINY_TOKENIZER, "demo": DEMO_TOKENIZER}
+MOLMO2_TINY_TOKENIZER = os.path.join(_ASSETS, "molmo2_tiny_tokenizer")
+BUNDLED_TOKENIZERS = {"tiny": TINY_TOKENIZER, "bench_s": TINY_TOKENIZER, "demo": DEMO_TOKENIZER,
+                      "molmo2_tiny": MOLMO2_TINY_TOKENIZER}
 
 
 def bundled_tokenizer(model_name) -> str | None:

@@ -79,6 +79,24 @@ def skip_reason(error: Exception) -> str:
     return f"unexpected {type(error).__name__}"
 
 
+def example_makers(cfg, s: LoaderSettings):
+    """(record -> example, examples -> batch) of the model's family."""
+    from molmo_jax.models import family_of
+
+    if family_of(cfg) == "molmo2":
+        from molmo_jax.inference_molmo2 import processor_for
+        from molmo_jax.preprocess.molmo2_example import Molmo2Collator, Molmo2Examples
+
+        if s.stage != "sft" or s.seq_buckets:
+            raise ValueError("a Molmo2 trains on stage 'sft' formatting with one sequence length (no seq_buckets)")
+        processor = processor_for(cfg, s.tokenizer, max_crops=s.max_crops)
+        return Molmo2Examples(processor, s.seq_len), Molmo2Collator(processor.image, s.seq_len, s.local_batch)
+    tokenizer = MolmoTokenizer(s.tokenizer, cfg.llm.vocab_size)
+    return (Preprocessor(cfg, tokenizer, s.format_settings(), max_crops=s.max_crops),
+            Collator.from_config(cfg, s.seq_len, seq_buckets=s.seq_buckets or (s.seq_len,), max_crops=s.max_crops,
+                                 batch_size=s.local_batch))
+
+
 class _Runtime:
     """What a BatchMaker opens on first use in each process (never pickled)."""
 
@@ -87,10 +105,7 @@ class _Runtime:
         self.sources = [datasets.open_source(folder, s.split) for _, folder in maker.sources]
         self.plan = mixtures.MixturePlan([ds.name for ds, _ in maker.sources], list(maker.rates),
                                          list(maker.lengths), s.seed, s.global_batch)
-        tokenizer = MolmoTokenizer(s.tokenizer, maker.model_cfg.llm.vocab_size)
-        self.preprocessor = Preprocessor(maker.model_cfg, tokenizer, s.format_settings(), max_crops=s.max_crops)
-        self.collator = Collator.from_config(maker.model_cfg, s.seq_len, seq_buckets=s.seq_buckets or (s.seq_len,),
-                                             max_crops=s.max_crops, batch_size=s.local_batch)
+        self.preprocessor, self.collator = example_makers(maker.model_cfg, s)
         blank = {"image": np.full((8, 8, 3), 128, np.uint8), "message_list": [{"style": "none", "question": "",
                                                                                "answer": ""}]}
         self.blank = self.preprocessor(blank, np.random.default_rng(0))
@@ -172,7 +187,7 @@ class BatchMaker:
             batch = rt.collator([rt.blank])
             for value in batch.values():
                 value[...] = -1
-        if self.settings.always_subsegments and "subsegment_ids" not in batch:
+        if self.settings.always_subsegments and rt.collator.packs and "subsegment_ids" not in batch:
             batch["subsegment_ids"] = np.where(batch["input_ids"] == -1, -1, 1).astype(np.int32)
         return batch
 

@@ -106,15 +106,17 @@ def molmo2_o_7b():
 
 
 def molmo2_tiny():
-    """A small Molmo2 with the real structure, for tests: 56-px crops of 4x4 patches."""
+    """A small Molmo2 with the real structure, for tests and smoke runs: 56-px crops of 4x4 patches; its
+    vocabulary is that of molmo_jax/assets/molmo2_tiny_tokenizer (Molmo2 tokens at 387 + offset)."""
     return model_config(
         "molmo2_tiny",
-        llm_config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=96, vocab_size=256,
-                   embedding_size=256, additional_vocab_size=16, max_sequence_length=1024,
-                   bos_token_id=255, eos_token_id=255),
+        llm_config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=96, vocab_size=387,
+                   embedding_size=387, additional_vocab_size=16, max_sequence_length=1024,
+                   bos_token_id=386, eos_token_id=386),
         vit=vit_config(image_size=(56, 56), width=32, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=8, mlp_dim=64,
                        vit_layers=(-1, -3)),
         connector=adapter_config(n_heads=4, n_kv_heads=2, head_dim=8, width=32, projector_dim=48),
+        image=image_config(max_crops=4, overlap_margins=(1, 1), video_max_frames=8),
     )
 
 

@@ -380,9 +380,11 @@ class Trainer:
                     m["tokens_per_s"] = tokens_since / dt
                     m["step_time_s"] = dt / steps_since
                     if peak:
-                        shape = np.asarray(batch["images"]).shape if "images" in batch else (0, 0)
-                        f = flops_lib.train_step_flops(c.model, shape[0] * jax.process_count(),
-                                                       np.asarray(batch["input_ids"]).shape[1], shape[1])
+                        rows, length = np.shape(batch["input_ids"])
+                        # crops per row: Molmo's images are [B, C, ...], Molmo2's pixel_values [B * C, ...]
+                        crops = (np.shape(batch["images"])[1] if "images" in batch else
+                                 np.shape(batch["pixel_values"])[0] // rows if "pixel_values" in batch else 0)
+                        f = flops_lib.train_step_flops(c.model, rows * jax.process_count(), length, crops)
                         m["mfu"] = f / (dt / steps_since) / peak
                     m["skipped_total"] = self.bad_total
                     writer.write(self.step, m)

@@ -18,7 +18,7 @@ from molmo_jax.preprocess.molmo2_video import Molmo2VideoSettings, VideoMetadata
 from molmo_jax.preprocess.resize import resize_chw
 from molmo_jax.preprocess.tokenizer import TokenizerError
 
-TOKENIZER = pathlib.Path(__file__).parent / "fixtures" / "molmo2_tokenizer"
+TOKENIZER = pathlib.Path(__file__).parents[1] / "molmo_jax" / "assets" / "molmo2_tiny_tokenizer"
 PIXEL_ATOL = 1e-5       # measured: 0 (bit-identical) for every case below
 
 

@@ -1,12 +1,18 @@
-"""Ask a Molmo checkpoint about images: one question, a JSONL batch, or golden-style parity inputs.
+"""Ask a Molmo or Molmo2 checkpoint about images: one question, a JSONL batch, or golden-style parity inputs.
 
     python -m tools.infer --checkpoint PATH --image FILE --prompt TEXT [--out-image points.png] [--json]
+    python -m tools.infer --checkpoint MOLMO2 --image A --image B --prompt TEXT     several images (Molmo2)
+    python -m tools.infer --checkpoint MOLMO2 --video FRAMES_DIR [--fps 2] --prompt TEXT   a video (Molmo2)
     python -m tools.infer --checkpoint PATH --batch requests.jsonl --out answers.jsonl
     python -m tools.infer --checkpoint PATH --inputs INPUTS.npz --max-new-tokens 16 --out OUT.npz
 
 PATH: a molmo_jax model directory, a training run (or one step directory of it), or a PyTorch
 directory (original / released HF form, converted on the fly). The tokenizer comes from the
 checkpoint (`tokenizer/`, or a tokenizer.json next to the weights) or `--tokenizer DIR`.
+A Molmo2 video is a folder of frames (image files, in name order; no video decoder is a dependency) shot
+at `--fps` frames per second (default: the processor's sampling rate); its points and tracks are
+reported per frame time, and `--out-image OUT.png` draws every image or frame with points as
+OUT_000.png, OUT_001.png, ... (one image: OUT.png itself).
 Batch records are JSON objects {"image": path, "prompt": text}; relative image paths are read
 relative to the JSONL file. `--inputs` decodes pre-made model inputs (input_ids, images, image_masks,
 image_input_idx) and writes greedy_tokens and greedy_step_logits, for parity checks.
@@ -32,12 +38,14 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="model directory, training run, or PyTorch directory")
     p.add_argument("--tokenizer", help="tokenizer folder (when the checkpoint has none)")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--image", help="image file (with --prompt)")
+    mode.add_argument("--image", action="append", help="image file (with --prompt); Molmo2: repeat for several")
+    mode.add_argument("--video", help="Molmo2: a folder of video frames (with --prompt)")
     mode.add_argument("--batch", help="JSONL file of {\"image\", \"prompt\"} records (with --out)")
     mode.add_argument("--inputs", help="golden-style inputs .npz (with --out): parity decode")
     p.add_argument("--prompt", help="the question")
     p.add_argument("--out", help="answers .jsonl (--batch) or outputs .npz (--inputs)")
     p.add_argument("--out-image", help="write the image with the answer's points drawn (PNG)")
+    p.add_argument("--fps", type=float, default=None, help="Molmo2 --video: frames per second of the frames")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 200 (16 with --inputs, the golden decode length)")
@@ -54,12 +62,14 @@ def parse_args(argv):
                    help="quantize the LLM's weights after loading (int4 groups of GROUP inputs, default 128; +head: the output head too)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --batch mode")
     args = p.parse_args(argv)
-    if args.image is not None and not args.prompt:
-        p.error("--image needs --prompt")
+    if (args.image is not None or args.video is not None) and not args.prompt:
+        p.error("--image and --video need --prompt")
     if (args.batch or args.inputs) and not args.out:
         p.error("--batch and --inputs need --out")
-    if args.out_image and not args.image:
-        p.error("--out-image goes with --image")
+    if args.out_image and not (args.image or args.video):
+        p.error("--out-image goes with --image or --video")
+    if args.fps is not None and not args.video:
+        p.error("--fps goes with --video")
     return args
 
 
@@ -111,12 +121,29 @@ def load_answerer(args, mesh=None):
         raise SystemExit(f"error: {e}")
 
 
+def checkpoint_family(args) -> str:
+    from molmo_jax import weights
+    from molmo_jax.models import family_of
+
+    try:
+        return family_of(weights.load_config(args.checkpoint))
+    except (weights.WeightsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def run_single(args):
     from molmo_jax import points as points_lib
     from molmo_jax.preprocess import ImageError
 
-    if not os.path.isfile(args.image):
-        raise SystemExit(f"error: {args.image}: image not found")
+    for image in args.image or ():
+        if not os.path.isfile(image):
+            raise SystemExit(f"error: {image}: image not found")
+    if checkpoint_family(args) == "molmo2":
+        return run_molmo2(args)
+    if args.video or len(args.image) > 1:
+        raise SystemExit(f"error: {args.checkpoint} is a Molmo: it takes one --image (several images and "
+                         "--video are Molmo2's)")
+    args.image = args.image[0]
     answerer = load_answerer(args)
     try:
         answer = answerer.ask(args.image, args.prompt, **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
@@ -135,6 +162,62 @@ def run_single(args):
         points_lib.draw_points(args.image, answer.points_px, args.out_image)
         if not args.json:
             print(f"wrote {args.out_image} ({len(answer.points_px)} points drawn)")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def video_frames(folder) -> list[str]:
+    """The frame files of a --video folder, in name order."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --video {folder}: not a folder of frames")
+    frames = sorted(str(p) for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise SystemExit(f"error: --video {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return frames
+
+
+def run_molmo2(args):
+    """One prompt about images or a video, for a Molmo2 checkpoint."""
+    from molmo_jax import points as points_lib
+    from molmo_jax import weights
+    from molmo_jax.inference_molmo2 import Molmo2Answerer
+    from molmo_jax.molmo2_points import draw_molmo2_points
+    from molmo_jax.preprocess import ImageError, TokenizerError
+    from molmo_jax.preprocess.image_io import load_image
+
+    if args.max_crops is not None or args.style != "demo":
+        raise SystemExit("error: --max-crops and --style are Molmo's; a Molmo2 uses its config's crops and "
+                         "its chat template")
+    frames = video_frames(args.video) if args.video else None
+    try:
+        answerer = Molmo2Answerer.load(args.checkpoint, args.tokenizer, weights_kind=args.weights)
+        media = [load_image(f) for f in (frames or args.image)]
+        answer = answerer.ask(args.prompt, images=() if frames else media, video=media if frames else None,
+                              fps=args.fps, **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
+    except (weights.WeightsError, TokenizerError, ImageError) as e:
+        raise SystemExit(f"error: {e}")
+    # The answer is printed before anything is drawn: a failure to draw never loses it.
+    if args.json:
+        print(json.dumps(answer.to_json()), flush=True)
+    else:
+        print(answer.text)
+        p = answer.points
+        where = "t={:.1f}s" if frames else "image {:.0f}"
+        for (x, y), f, i in zip(p.points, p.frames, p.ids):
+            print(f"point {i} ({where.format(f)}): ({x:.1f}, {y:.1f}) px")
+        if answer.count is not None:
+            print(f"count: {answer.count}", flush=True)
+    if args.out_image:
+        out = pathlib.Path(args.out_image)
+        if len(media) == 1 and not frames:
+            paths = [points_lib.draw_points(media[0], answer.points.points, str(out))]
+        else:  # a video's points are drawn on the frames the model saw, by their times
+            shown = [media[i] for i in answer.frame_indices] if frames else media
+            paths = draw_molmo2_points(shown, answer.points, str(out.parent), prefix=out.stem,
+                                       timestamps=answer.timestamps if frames else None)
+        if not args.json:
+            print(f"wrote {', '.join(paths) or 'nothing (no points)'}")
 
 
 def run_batch(args):

@@ -165,6 +165,9 @@ def make_evaluator(config):
     """Validation loss and a small generation evaluation, every config.eval_every steps (0 = off)."""
     if not config.get("eval_every") or config.data.kind == "random":
         return None
+    if config.model.get("family", "molmo") != "molmo":
+        raise SystemExit(f"error: config.eval_every: the periodic evaluation runs Molmo's prompts and metrics; "
+                         f"set it to 0 for a {config.model.family} model")
     import itertools
 
     import input_pipeline

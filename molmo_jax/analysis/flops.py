@@ -13,14 +13,29 @@ def vit_flops_per_crop(cfg) -> float:
     v = cfg.vit
     ph, pw = config_lib.patches_per_side(cfg)
     p = ph * pw
-    n = p + 1
+    n = p + (1 if v.get("class_token", True) else 0)
     inner = v.n_heads * v.head_dim
     layers_run = max(config_lib.resolved_vit_layers(cfg)) + 1  # later blocks are skipped
     per_layer = 2 * n * (4 * v.width * inner + 2 * v.width * v.mlp_dim) + 2 * 2 * n * n * inner
     return 2 * p * v.patch_size * v.patch_size * 3 * v.width + layers_run * per_layer
 
 
+def adapter_flops_per_crop(cfg) -> float:
+    """Molmo2's adapter: per pooled token (at most a pooling window's share of a crop's patches) a query
+    from the mean, keys and values of the window's patches, attention over them, the output projection
+    and the SwiGLU projector."""
+    c = cfg.connector
+    ph, pw = config_lib.patches_per_side(cfg)
+    tokens = -(-ph // c.pool_h) * -(-pw // c.pool_w)
+    window, feat = c.pool_h * c.pool_w, config_lib.vit_feature_dim(cfg)
+    q, kv, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, config_lib.projector_dim(cfg)
+    pool = 2 * (feat * q + 2 * window * feat * kv + 2 * window * q + q * c.width)
+    return tokens * (pool + 2 * (2 * c.width * f + f * cfg.llm.d_model))
+
+
 def connector_flops_per_crop(cfg) -> float:
+    if cfg.get("family", "molmo") == "molmo2":
+        return adapter_flops_per_crop(cfg)
     v, c = cfg.vit, cfg.connector
     tokens = config_lib.tokens_per_crop(cfg)
     feat = config_lib.vit_feature_dim(cfg)

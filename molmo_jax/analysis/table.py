@@ -18,7 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 from molmo_jax.analysis import aot, search
 
 MODELS = (("molmoe_1b", "MolmoE-1B"), ("molmo_7b_o", "Molmo-7B-O"), ("molmo_7b_d", "Molmo-7B-D"),
-          ("molmo_72b", "Molmo-72B"))
+          ("molmo_72b", "Molmo-72B"), ("molmo2_4b", "Molmo2-4B"), ("molmo2_8b", "Molmo2-8B"),
+          ("molmo2_o_7b", "Molmo2-O-7B"))
+STAGES = {"molmo2_4b": ("sft",), "molmo2_8b": ("sft",), "molmo2_o_7b": ("sft",)}  # others: sft and pretrain
 # (config, slice, estimated MFU to reach with the fastest fitting variant)
 TARGETS = (("molmo_7b_d_sft", "v5p-128", 0.50), ("molmo_7b_d_sft", "v5e-256", 0.50),
            ("molmo_72b_sft", "v5p-512", 0.55), ("molmoe_1b_sft", "v5p-32", 0.35))
@@ -147,7 +149,8 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
                 only: str | None = None):
     """Run the passes (module doc) and rewrite the generated part of `out_path` (between the
     BEGIN/END markers; the prose around it is kept) and `json_path` after every search. `only`
-    (a regex over config names) limits the search to matching cells and targets."""
+    (a regex over config names) limits the compiling to matching cells and targets; the others are
+    filled from the cache (what it lacks stays "not searched yet")."""
     import re
 
     def read_doc():
@@ -157,7 +160,8 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             raise SystemExit(f"{out_path}: no '{BEGIN}' ... '{END}' markers to replace")
         return doc
     read_doc()  # fail before hours of compiling, not after
-    run = search.CachedCompiler(cache_dir, cached_only)
+    compiler = search.CachedCompiler(cache_dir, cached_only)
+    from_cache = search.CachedCompiler(cache_dir, True)
     date = datetime.date.today().isoformat()
     keep = (lambda name: re.search(only, name) is not None) if only else (lambda name: True)
     configs = {}
@@ -168,7 +172,8 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
         return configs[key]
     titles = dict(MODELS)
     cells = [dict(key=f"{m}_{stage}", title=titles[m], stage=stage, family=family, smallest=PENDING,
-                  fastest=PENDING) for m, _ in MODELS for stage in ("sft", "pretrain") for family in search.SLICES]
+                  fastest=PENDING) for m, _ in MODELS for stage in STAGES.get(m, ("sft", "pretrain"))
+             for family in search.SLICES]
     for c in cells:
         c["config"] = config(c["key"])
     targets = [dict(config=k, title=titles[k.rsplit("_", 1)[0]], topology=t, target=m, lean=PENDING, fastest=PENDING)
@@ -193,8 +198,7 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             return None
 
     for t in targets:
-        if not keep(t["config"]):
-            continue
+        run = compiler if keep(t["config"]) else from_cache
         log(f"{t['config']} on {t['topology']} (target est. MFU {t['target']:.0%}):")
         n = aot.parse_topology(t["topology"]).n_devices
         lean = attempt(run, search.lean_variant(config(t["config"]), n), t["topology"])
@@ -208,8 +212,7 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             made.extend(found[1][1:])
         write()
     for c in cells:
-        if not keep(c["key"]):
-            continue
+        run = compiler if keep(c["key"]) else from_cache
         log(f"{c['title']} {c['stage']} on {c['family']}:")
         found = attempt(search.smallest_fit, c["config"], c["family"], run, log)
         if found is not None:
@@ -217,8 +220,9 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             made.extend(found[1])
             write()
     for c in cells:
-        if not keep(c["key"]) or c["smallest"] in (None, PENDING):
+        if c["smallest"] in (None, PENDING):
             continue
+        run = compiler if keep(c["key"]) else from_cache
         log(f"{c['title']} {c['stage']}: faster variants on {c['smallest']['topology']}")
         found = attempt(search.fastest_variant, c["config"], c["smallest"], run, log)
         if found is not None:

@@ -45,6 +45,8 @@ def _bucket(n: int, buckets, what: str, allow_over: bool) -> int:
 
 
 class Collator:
+    packs = True   # examples may hold several conversations (subsegment_ids)
+
     def __init__(self, seq_buckets: Sequence[int] | None = None, crop_buckets: Sequence[int] | None = None,
                  batch_size: int | None = None, include_metadata: bool = False):
         """seq_buckets / crop_buckets: allowed padded sizes (None: the batch's own maximum).

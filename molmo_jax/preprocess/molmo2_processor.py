@@ -173,6 +173,11 @@ class Molmo2Processor:
         a video is a list of frames or a [T, H, W, 3] array). Options: video_metadata (per video, dicts with
         total_num_frames / fps / duration / frames_indices), do_sample_frames, num_frames, fps (frames per
         second to sample), padding_side ("right" or "left")."""
+        return self.process(text, images, videos, **options)[0]
+
+    def process(self, text=None, images=None, videos=None, **options) -> tuple[dict, list, list]:
+        """The call's arrays, and what each image (Molmo2ImageInputs) and video (Molmo2VideoInputs: its
+        sampled frames' indices and times) gave."""
         _check_options("Molmo2Processor call", options, _CALL_OPTIONS)
         if text is None and images is None and videos is None:
             raise ValueError("Molmo2Processor: nothing to process (no text, images or videos)")
@@ -187,7 +192,7 @@ class Molmo2Processor:
             out.update(arrays)
         if text is not None:
             out = {**self._text_inputs(text, per_image, per_video, options.get("padding_side", "right")), **out}
-        return out
+        return out, per_image, per_video
 
     def _text_inputs(self, text, per_image, per_video, padding_side: str) -> dict[str, np.ndarray]:
         texts = [text] if isinstance(text, str) else text
@@ -202,20 +207,8 @@ class Molmo2Processor:
         if sum(n_vid) != len(per_video) or max(n_vid) > 1:
             raise ValueError(f"text has {sum(n_vid)} {molmo2_chat.VIDEO_MARKER} markers (at most one per prompt) "
                              f"for {len(per_video)} videos")
-        bos = self.tokenizer.bos_token
         images, videos = iter(per_image), iter(per_video)
-        rows = []
-        for prompt in texts:
-            segments = []
-            for piece in _MARKERS.split(prompt if prompt.startswith(bos) else bos + prompt):
-                if piece == molmo2_chat.IMAGE_MARKER:
-                    segments.append(self.image_tokens(next(images).grid))
-                elif piece == molmo2_chat.VIDEO_MARKER:
-                    item = next(videos)
-                    segments += self.video_segments(item.grid, item.timestamps)
-                else:
-                    segments.append(piece)
-            rows.append(self.tokenizer.encode_segments(segments))
+        rows = [self.prompt_ids(prompt, images, videos) for prompt in texts]
         length = max(len(r) for r in rows)
         if len(rows) > 1 and any(len(r) < length for r in rows) and self.tokenizer.pad_id is None:
             raise ValueError("prompts of different lengths need a pad_token in the tokenizer's configuration")
@@ -229,6 +222,21 @@ class Molmo2Processor:
         mm_types = np.where(np.isin(input_ids, self.mm_token_ids), 1, 0)
         mm_types = np.where(input_ids == self.video_token_id, 2, mm_types).astype(np.int64)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types}
+
+    def prompt_ids(self, prompt: str, images, videos) -> list[int]:
+        """Token ids of one prompt, BOS in front unless it starts with it; its image / video markers take the
+        tokens of the next items of the iterators `images` / `videos` (Molmo2ImageInputs / Molmo2VideoInputs)."""
+        bos = self.tokenizer.bos_token
+        segments = []
+        for piece in _MARKERS.split(prompt if prompt.startswith(bos) else bos + prompt):
+            if piece == molmo2_chat.IMAGE_MARKER:
+                segments.append(self.image_tokens(next(images).grid))
+            elif piece == molmo2_chat.VIDEO_MARKER:
+                item = next(videos)
+                segments += self.video_segments(item.grid, item.timestamps)
+            else:
+                segments.append(piece)
+        return self.tokenizer.encode_segments(segments)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
                             **options):
