@@ -57,6 +57,8 @@ def test_import_export_from_pretrained_and_back_bit_identical(saved, tmp_path):
     assert len(set(index["weight_map"].values())) > 1  # sharded
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "molmo2" and "auto_map" not in config and not list(out.glob("*.py"))
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+        assert json.loads((out / name).read_text())["processor_class"] == "Molmo2Processor", name
 
     back, info = transformers.Molmo2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -132,6 +132,8 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
             released = mapping.to_released(cfg, torch_dtype)
             (tmp / CONFIG).write_text(json.dumps(released, indent=2) + "\n")
             _copy_extras(tmp, info, tokenizer, remote_code, summary, mapping.NEEDS_REMOTE_CODE)
+            for name, content in getattr(mapping, "processor_files", lambda cfg: {})(cfg).items():
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return summary.finish()
 
 

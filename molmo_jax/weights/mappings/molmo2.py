@@ -176,6 +176,28 @@ def to_released(cfg, torch_dtype: str) -> dict:
     return out
 
 
+def processor_files(cfg) -> dict[str, dict]:
+    """The processor configuration files of transformers' Molmo2Processor (image and video processors and
+    the processor's own options) for the preprocessing `cfg` implies (`inference_molmo2.processor_for`)."""
+    v, c, im = cfg.vit, cfg.connector, cfg.image
+    view = {"size": {"height": int(v.image_size[0]), "width": int(v.image_size[1])}, "patch_size": int(v.patch_size),
+            "image_mean": list(im.mean), "image_std": list(im.std), "do_convert_rgb": True, "do_rescale": True,
+            "do_normalize": True,
+            "processor_class": "Molmo2Processor"}
+    return {
+        "preprocessor_config.json": {"image_processor_type": "Molmo2ImageProcessor", **view,
+                                     "pooling_size": [int(c.pool_h), int(c.pool_w)], "max_crops": int(im.max_crops),
+                                     "overlap_margins": [int(m) for m in im.overlap_margins]},
+        "video_preprocessor_config.json": {"video_processor_type": "Molmo2VideoProcessor", **view,
+                                           "pooling_size": [int(c.video_pool_h), int(c.video_pool_w)],
+                                           "num_frames": int(im.video_max_frames), "max_fps": float(im.video_max_fps),
+                                           "do_sample_frames": True},
+        "processor_config.json": {"processor_class": "Molmo2Processor",
+                                  "image_use_col_tokens": bool(im.use_col_tokens),
+                                  "video_use_col_tokens": bool(im.video_use_col_tokens)},
+    }
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(x) for k, x in value.items()}
