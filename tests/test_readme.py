@@ -38,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 TINY_TOKENIZER = ROOT / "molmo_jax" / "assets" / "tiny_tokenizer"
+MOLMO2_TOKENIZER = ROOT / "molmo_jax" / "assets" / "molmo2_tiny_tokenizer"
 
 # Fenced blocks that are not commands, by their first word: the source tree drawn in "The house".
 NOT_COMMAND_BLOCKS = {"tools/": "the source tree diagram"}
@@ -123,6 +124,37 @@ class Stage:
         dst = self.root / "path" / "to" / "Molmo-7B-D-0924"
         export_checkpoint(self.root / "_tiny_src", dst, tokenizer=TINY_TOKENIZER, shard_size="500KB")
         return str(dst)
+
+    @functools.cached_property
+    def molmo2_released(self) -> str:
+        """A tiny Molmo2 (the `molmo2_tiny` preset, transformers' random init) as
+        `Molmo2ForConditionalGeneration.save_pretrained` writes it, with the bundled tiny Molmo2 tokenizer's
+        files beside it, as a downloaded Molmo2-4B directory looks."""
+        import shutil
+
+        import torch
+        import transformers
+
+        from molmo_jax import config as config_lib
+        from molmo_jax.weights.mappings import molmo2 as molmo2_mapping
+
+        hf_cfg = transformers.Molmo2Config(**molmo2_mapping.to_released(config_lib.get_config("molmo2_tiny"),
+                                                                        "float32"))
+        torch.manual_seed(0)
+        dst = self.root / "path" / "to" / "Molmo2-4B"
+        transformers.Molmo2ForConditionalGeneration(hf_cfg).save_pretrained(dst)
+        for f in MOLMO2_TOKENIZER.glob("*.json"):
+            shutil.copy2(f, dst / f.name)
+        return str(dst)
+
+    @functools.cached_property
+    def frames(self) -> str:
+        """A video as a folder of frames: 6 PNGs (3 s at the README's --fps 2)."""
+        folder = self.root / "frames"
+        folder.mkdir()
+        for i in range(6):
+            _picture(64, 48, seed=20 + i).save(folder / f"{i:04d}.png")
+        return str(folder) + "/"
 
     @functools.cached_property
     def photo(self) -> str:
@@ -362,6 +394,43 @@ def check_export(stage, proc):
         np.testing.assert_array_equal(got[k], want[k], err_msg=".".join(k))
 
 
+def check_molmo2_import(stage, proc):
+    dst = pathlib.Path(stage.out("runs/molmo2_4b"))
+    assert "import:" in proc.stdout and (dst / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((dst / "config.json").read_text())["family"] == "molmo2"
+
+
+def check_molmo2_infer(stage, proc):
+    from PIL import Image
+    drawn = stage.out("molmo2_points.png")
+    assert _stdout_lines(proc)[-1] in (f"wrote {drawn}", "wrote nothing (no points)"), proc.stdout
+    if _stdout_lines(proc)[-1] != "wrote nothing (no points)":
+        assert Image.open(drawn).size == Image.open(stage.photo).size
+
+
+def check_molmo2_video(stage, proc):
+    answer = json.loads(_stdout_lines(proc)[-1])
+    # 6 frames shot at 2 fps: 3 s, sampled at the model's 2 fps: every frame, at 0.0, 0.5, ... 2.5 s
+    assert answer["frame_indices"] == list(range(6)) and answer["sizes"] == [[64, 48]]
+    assert answer["timestamps"] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+
+
+def check_molmo2_export(stage, proc):
+    import transformers
+
+    from molmo_jax import weights
+    from molmo_jax.weights.params import model_to_flat
+
+    hf = pathlib.Path(stage.out("runs/molmo2_hf"))
+    assert (hf / "tokenizer.json").is_file() and (hf / "preprocessor_config.json").is_file()
+    model, info = transformers.Molmo2ForConditionalGeneration.from_pretrained(hf, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    got, want = model_to_flat(weights.load(hf)[1]), _flat_params(stage.out("runs/molmo2_ft"))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=".".join(k))
+
+
 def check_forward(stage, proc):
     out = np.load(stage.out("/tmp/out.npz"))
     expected = np.load(GOLDEN / "models" / "qwen2_style" / "expected.npz")
@@ -409,6 +478,9 @@ STAND_INS: dict[str, Callable[[Stage], str]] = {
     "my_data/": lambda stage: stage.my_data,                  # train.jsonl + 4 PNGs
     "hub/pixmo-cap": lambda stage: stage.hub_cap,             # one parquet file, URLs on 127.0.0.1
     "predictions.jsonl": lambda stage: stage.predictions,     # 2 VQA predictions
+    "path/to/Molmo2-4B": lambda stage: stage.molmo2_released,  # tiny Molmo2 as save_pretrained writes it
+    "frames/": lambda stage: stage.frames,                    # 6 PNG frames
+    "configs/molmo2_4b_sft.py": lambda stage: "configs/molmo2_tiny_sft.py",
     # The 7B configs -> the tiny model's configs of the same stage (CPU-sized batch and length).
     "configs/molmo_7b_d_sft.py": lambda stage: "configs/tiny_sft.py",
     "configs/molmo_7b_d_pretrain.py": lambda stage: "configs/tiny_pretrain.py",
@@ -417,7 +489,9 @@ STAND_INS: dict[str, Callable[[Stage], str]] = {
     # What the commands write goes to the scratch folder, under the same names.
     **{word: _out(word) for word in ("runs/molmo_7b_d", "points.png", "runs/data", "runs/ft", "images/",
                                      "gs_or_local/data", "/ckpt/run1", "runs/demo_hf", "/tmp/out.npz",
-                                     "/tmp/inputs.npz", "runs/lora", "lora_points.png")},
+                                     "/tmp/inputs.npz", "runs/lora", "lora_points.png", "runs/molmo2_4b",
+                                     "molmo2_points.png", "runs/molmo2_ft", "runs/molmo2_hf",
+                                     "runs/molmo2_4b/tokenizer")},
 }
 
 # Training rehearsals: 2 steps (the tiny configs run 20), and the data kind of the 7B configs
@@ -450,6 +524,10 @@ _FINETUNE = (".venv/bin/python -m tools.train --config configs/molmo_7b_d_sft.py
 _LORA = (".venv/bin/python -m tools.train --config configs/molmo_7b_d_sft.py --workdir runs/lora "
          "--config.init_from=runs/molmo_7b_d --config.lora.rank=16 --config.data.mixture=vqa:my_data:1.0 "
          "--config.data.tokenizer=path/to/Molmo-7B-D-0924 --config.data.data_dir=runs/data")
+_M2_IMPORT = ".venv/bin/python -m tools.convert import path/to/Molmo2-4B runs/molmo2_4b"
+_M2_FINETUNE = (".venv/bin/python -m tools.train --config configs/molmo2_4b_sft.py --workdir runs/molmo2_ft "
+                "--config.init_from=runs/molmo2_4b --config.data.mixture=vqa:my_data:1.0 "
+                "--config.data.tokenizer=runs/molmo2_4b/tokenizer --config.data.data_dir=runs/data")
 _DOWNLOAD = ".venv/bin/python -m tools.download_pixmo --source hub/pixmo-cap --images images/"
 _BUILD_CAP = (".venv/bin/python -m tools.build_data pixmo_cap --data-dir gs_or_local/data --source hub/pixmo-cap "
               "--images images/")
@@ -466,6 +544,16 @@ TABLE = [
     Rehearsal(".venv/bin/python -m tools.infer --checkpoint runs/lora --tokenizer path/to/Molmo-7B-D-0924 --weights int8 "
               '--image photo.jpg --prompt "Point to the dogs." --out-image lora_points.png', check_lora_infer,
               after=(_LORA,)),
+    Rehearsal(_M2_IMPORT, check_molmo2_import),
+    Rehearsal(".venv/bin/python -m tools.infer --checkpoint runs/molmo2_4b --image photo.jpg "
+              '--prompt "Point to the dogs." --out-image molmo2_points.png', check_molmo2_infer, after=(_M2_IMPORT,)),
+    # --json: the answer's frame times and indices, what the check reads
+    Rehearsal('.venv/bin/python -m tools.infer --checkpoint runs/molmo2_4b --video frames/ --fps 2 '
+              '--prompt "Track the dog."', check_molmo2_video, extra=("--json",), after=(_M2_IMPORT,)),
+    Rehearsal(_M2_FINETUNE, check_train("runs/molmo2_ft", initialised_from="runs/molmo2_4b"), extra=TRAIN_FLAGS,
+              after=(_M2_IMPORT, _BUILD_VQA)),
+    Rehearsal(".venv/bin/python -m tools.convert export runs/molmo2_ft runs/molmo2_hf --tokenizer "
+              "runs/molmo2_4b/tokenizer", check_molmo2_export, after=(_M2_FINETUNE,)),
     Rehearsal(_DOWNLOAD, check_download),
     Rehearsal(_BUILD_CAP, check_build_pixmo_cap, after=(_DOWNLOAD,)),
     # Run on every host by `gcloud compute tpus tpu-vm ssh my-v5p-128 --worker=all --command "cd molmo_jax && ..."`;
