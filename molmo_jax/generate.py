@@ -233,6 +233,15 @@ def _unstack(stacked_state, n_layers: int) -> list:
     return [jax.tree.map(lambda a: take(a, i), stacked_state) for i in range(n_layers)]
 
 
+def check_fits(prompt_tokens: int, max_new_tokens: int, cfg):
+    """ValueError when a prompt plus its new tokens does not fit the model's context."""
+    limit = cfg.llm.max_sequence_length
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {limit} tokens (llm.max_sequence_length): shorten the prompt, "
+                         "use fewer crops or ask for fewer new tokens")
+
+
 class Generator:
     """Jit-compiled generation for one model; compiled programs are cached per input shape (the
     jitted methods take `self` as a static argument: hashed by identity).
@@ -289,12 +298,7 @@ class Generator:
                           f"top_k / beam_size > vocabulary ({vocab})")):
             if bad:
                 raise ValueError(why)
-        longest = int((batch["input_ids"] != -1).sum(axis=1).max(initial=0))
-        limit = self.cfg.llm.max_sequence_length
-        if longest + sampling.max_new_tokens > limit:
-            raise ValueError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
-                             f"model's context of {limit} tokens (llm.max_sequence_length): shorten the prompt, "
-                             "use fewer crops or ask for fewer new tokens")
+        check_fits(int((batch["input_ids"] != -1).sum(axis=1).max(initial=0)), sampling.max_new_tokens, self.cfg)
         program, key = sampling.program(), jax.random.key(sampling.seed)
         with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if self.mesh is not None:

@@ -61,6 +61,18 @@ class Answer:
                     valid_point_format=self.valid_point_format)
 
 
+@dataclasses.dataclass
+class Failed:
+    """A request that could not be answered (unreadable image, prompt too long, malformed record), kept
+    in its place among the answers so that one bad request costs only itself."""
+    error: str
+    prompt: str = ""
+    line: int | None = None   # the request's line in a JSONL file, when it came from one
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dict(line=self.line, error=self.error, prompt=self.prompt).items() if v is not None}
+
+
 def make_answer(text: str, tokens, finish: str, score: float, image_size=None, prompt: str = "",
                 stop_strings: Sequence[str] = ()) -> Answer:
     """Parse points and count out of a generated text (`image_size` = (width, height))."""
@@ -158,23 +170,43 @@ class Answerer:
         return self.ask_many([(image, prompt)], style=style, **sampling)[0]
 
     def ask_many(self, requests: Iterable, *, batch_size: int = 8, style: str | None = None,
-                 progress: Callable[[list[Answer]], None] | None = None, **sampling) -> list[Answer]:
+                 progress: Callable[[list], None] | None = None, keep_going: bool = False,
+                 **sampling) -> list:
         """Answer (image, prompt) pairs (or {"image", "prompt"} dicts) in batches of `batch_size`;
         prompts of different lengths and crop counts share a batch. `progress(answers)` is called
-        after each batch."""
+        after each batch. With `keep_going`, a request that cannot be answered (or is a `Failed`
+        already) becomes a `Failed` in its place instead of raising."""
         settings = sampling_from(**sampling)
-        requests = [_request(i, r) for i, r in enumerate(requests)]
-        answers: list[Answer] = []
+        requests = list(requests)
+        answers: list = []
         for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            examples = [self.example(image, prompt, style) for image, prompt in chunk]
-            out = self.generator(self.collate(examples), settings)
-            batch_answers = [
-                make_answer(self.tokenizer.decode(out["tokens"][i]), out["tokens"][i][:out["lengths"][i]],
-                            str(out["finish"][i]), out["scores"][i], ex["metadata"].get("image_size"),
-                            prompt, settings.stop_strings)
-                for i, (ex, (_, prompt)) in enumerate(zip(examples, chunk))]
+            slots: list = []          # per request: its example, or its Failed
+            for index, r in enumerate(requests[start:start + batch_size], start):
+                try:
+                    if isinstance(r, Failed):
+                        slots.append(r)
+                        continue
+                    image, prompt = _request(index, r)
+                    ex = self.example(image, prompt, style)
+                    if keep_going:
+                        gen_lib.check_fits(len(ex["input_ids"]), settings.max_new_tokens, self.cfg)
+                    slots.append((ex, prompt))
+                except ValueError as e:  # ImageError and TokenizerError are ValueErrors too
+                    if not keep_going:
+                        raise
+                    line = r.get("line") if isinstance(r, dict) else None
+                    slots.append(Failed(str(e), r.get("prompt", "") if isinstance(r, dict) else "", line))
+            todo = [s for s in slots if not isinstance(s, Failed)]
+            done = iter(self._answer([ex for ex, _ in todo], [p for _, p in todo], settings) if todo else [])
+            batch_answers = [s if isinstance(s, Failed) else next(done) for s in slots]
             answers.extend(batch_answers)
             if progress is not None:
                 progress(batch_answers)
         return answers
+
+    def _answer(self, examples: list[dict], prompts: list[str], settings: gen_lib.Sampling) -> list[Answer]:
+        out = self.generator(self.collate(examples), settings)
+        return [make_answer(self.tokenizer.decode(out["tokens"][i]), out["tokens"][i][:out["lengths"][i]],
+                            str(out["finish"][i]), out["scores"][i], ex["metadata"].get("image_size"),
+                            prompt, settings.stop_strings)
+                for i, (ex, prompt) in enumerate(zip(examples, prompts))]

@@ -13,7 +13,6 @@ forms, and `dropped` counting coordinate pairs that were seen but could not be u
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import re
 from collections.abc import Sequence
@@ -255,14 +254,14 @@ def parse_count(text: str, *, none_as_zero: bool = True, count_points: bool = Tr
 # Drawing
 
 def _as_pil_image(image: Any):
+    """The picture as the model saw it: files, bytes and PIL images are decoded by the loader the
+    preprocessor uses (EXIF orientation applied, 16-bit scaled to 8), so drawn points land on the objects."""
     from PIL import Image
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, bytes):  # encoded image bytes
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    if isinstance(image, str) or hasattr(image, "__fspath__"):
-        return Image.open(image).convert("RGB")
-    arr = np.asarray(image)
+
+    from molmo_jax.preprocess.image_io import load_image  # a leaf module; imported here to keep points light
+    arr = np.asarray(image) if not isinstance(image, (str, bytes, Image.Image)) and not hasattr(image, "__fspath__") else None
+    if arr is None or arr.dtype == np.uint16:
+        return Image.fromarray(load_image(image if arr is None else arr, max_pixels=None), mode="RGB")
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):

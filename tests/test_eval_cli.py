@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def run_score(tmp_path, task, rows, *extra, raw=None):
     path = tmp_path / f"{task}.jsonl"
-    path.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows))
+    raw = raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
     cmd = [sys.executable, "-m", "tools.eval", "score", "--task", task, "--predictions", str(path), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     return proc, path
@@ -98,6 +99,7 @@ def test_missing_file(tmp_path):
     ("pointing", '{"prediction": "x", "points": [[1, 2]], "image_width": 10, "image_height": 10, '
                  '"mask": [[0, 0, 1, 1], [0, 0, 1, 1]]}\n', ":1: got 2 masks for 1"),
     ("mc", '[1, 2]\n', ":1: expected a JSON object"),
+    ("vqa", b'{"prediction": "a", "answers": ["a"]}\n{"prediction": "caf\xe9", "answers": ["a"]}\n', ":2: not UTF-8"),
     ("anls", "", "no predictions"),
 ])
 def test_bad_input_is_one_line_error_with_location(tmp_path, task, raw, message):

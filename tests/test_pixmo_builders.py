@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -244,3 +245,20 @@ def test_vqa_builder_jsonl_packs_questions_per_image(tmp_path):
     assert single["weight"] == 1.5 and single["message_list"][0]["answer"] == "yes"
     assert base.split_report(tfds.builder_from_directory(str(datasets.dataset_dir(
         str(tmp_path / "d"), datasets.spec("vqa:my_vqa")))))["train"]["written"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"image": "a.png", "question": "Q?", "answer": "x"}\n{not json\n', r"train.jsonl:2: not valid JSON"),
+    (b'{"image": "a.png", "question": "Q?", "answer": "x"}\n{"question": "caf\xe9"}\n', r"train.jsonl:2: not UTF-8"),
+    (b'["a list"]\n', r"train.jsonl:1: expected a JSON object, got list"),
+])
+def test_vqa_builder_malformed_source_lines_exit_2_before_writing(tmp_path, capsys, content, message):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.jsonl").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        build_data.main(["vqa", "--name", "my_vqa", "--data-dir", str(tmp_path / "d"), "--source", str(source)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()

@@ -188,3 +188,29 @@ def test_draw_points_accepts_a_path_and_no_points(tmp_path):
         assert im.size == (20, 10) and im.getpixel((5, 5)) == (255, 0, 0)
     with pytest.raises(ValueError, match="image"):
         draw_points(np.zeros((4, 4, 5), np.uint8), [[1, 1]], str(out))
+
+
+def test_drawn_picture_is_what_the_model_saw(tmp_path):
+    """An EXIF-rotated photo is drawn upright (as the preprocessor reads it) and a 16-bit image keeps its
+    tones, so points land on the objects the model pointed at."""
+    from molmo_jax.preprocess.image_io import load_image
+
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :10] = (250, 0, 0)  # a red corner, top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(rotated, exif=exif, quality=100)
+    drawn = np.asarray(Image.open(draw_points(str(rotated), [], str(tmp_path / "r.png"))))
+    seen = load_image(str(rotated))
+    assert drawn.shape == seen.shape == (60, 40, 3)
+    np.testing.assert_array_equal(drawn, seen)
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 30), 20000, np.uint16)).save(deep)
+    drawn = np.asarray(Image.open(draw_points(str(deep), [], str(tmp_path / "d.png"))))
+    np.testing.assert_array_equal(drawn, load_image(str(deep)))
+    assert drawn.max() == round(20000 / 257)  # grey, not clipped to white
+    from_array = np.asarray(Image.open(draw_points(np.full((20, 30, 3), 20000, np.uint16), [],
+                                                   str(tmp_path / "a.png"))))
+    assert from_array.max() == round(20000 / 257)

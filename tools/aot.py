@@ -23,6 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from molmo_jax import recipe  # noqa: E402
 from molmo_jax.analysis.table import gib, mesh_text  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/<model>_<stage>.py)")
@@ -147,6 +148,10 @@ def main(argv):
     _setup_environment(_TOPOLOGY.value)
     from molmo_jax.analysis import aot
     config = _CONFIG.value
+    problems = recipe.validate(config)
+    if problems:
+        print(f"error: --config: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     try:
         topo = aot.parse_topology(_TOPOLOGY.value)
         from molmo_jax import sharding
@@ -185,4 +190,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:  # an unknown --config.KEY fails inside flag parsing with a traceback: name it first
+        recipe.check_overrides()
+    except recipe.RecipeError as e:
+        sys.exit(f"error: {e}")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     # Builders read local files only; a scratch download dir keeps DIR free of an empty downloads/ tree.
     # TFDS prints its own progress lines; they go to stderr so that stdout is just the report.
-    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(download_dir=scratch, file_format="array_record",
-                                     download_config=tfds.download.DownloadConfig(download_mode=mode))
+    try:
+        with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(download_dir=scratch, file_format="array_record",
+                                         download_config=tfds.download.DownloadConfig(download_mode=mode))
+    except BuildArgumentError as error:  # a source problem found while reading (its files are checked first)
+        parser.error(str(error))
     print(f"{name}: {'reused the existing' if existed else 'built'} dataset at {builder.data_dir}")
     for line in format_report(split_report(builder)):
         print(line)

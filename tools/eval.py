@@ -47,23 +47,15 @@ class InputError(Exception):
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
     """(location "FILE:LINE", object) for every non-blank line."""
+    from molmo_jax import jsonl
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        rows = [(f"{path}:{number}", obj) for number, obj in jsonl.records(path)]
     except OSError as e:
         raise InputError(f"{path}: cannot read predictions file ({e.strerror or e})") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((where, obj))
+    for where, obj in rows:
+        if isinstance(obj, str):
+            raise InputError(f"{where}: {obj}")
     if not rows:
         raise InputError(f"{path}: no predictions (the file is empty)")
     return rows

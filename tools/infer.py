@@ -14,7 +14,9 @@ at `--fps` frames per second (default: the processor's sampling rate); its point
 reported per frame time, and `--out-image OUT.png` draws every image or frame with points as
 OUT_000.png, OUT_001.png, ... (one image: OUT.png itself).
 Batch records are JSON objects {"image": path, "prompt": text}; relative image paths are read
-relative to the JSONL file. `--inputs` decodes pre-made model inputs (input_ids, images, image_masks,
+relative to the JSONL file. Each record gets one output line, in order; a record that cannot be answered
+(bad line, missing or unreadable image, prompt too long) gets {"line", "error"} instead and the batch goes
+on (exit status 1 when any failed). `--inputs` decodes pre-made model inputs (input_ids, images, image_masks,
 image_input_idx) and writes greedy_tokens and greedy_step_logits, for parity checks.
 """
 from __future__ import annotations
@@ -79,31 +81,36 @@ def sampling_kwargs(args, default_max_new_tokens):
                 seed=args.seed, stop_strings=tuple(args.stop))
 
 
-def read_requests(path) -> list[dict]:
-    """{"image", "prompt"} records of a JSONL file; errors name the line."""
+def read_requests(path) -> list:
+    """The records of a JSONL file, in order: {"image", "prompt", "line"} dicts, and for a line that cannot
+    be used (not JSON, not UTF-8, missing fields, image not found) a `Failed` naming the line and why."""
+    from molmo_jax.inference import Failed
+
+    from molmo_jax import jsonl
+
     path = pathlib.Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = list(jsonl.records(path))
     except FileNotFoundError:
         raise SystemExit(f"error: {path}: no such file")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path}: cannot be read ({e})")
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot be read ({e.strerror or e})")
     out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, rec in lines:
+        where = f"{path}:{number}"
+        if isinstance(rec, str):
+            out.append(Failed(f"{where}: {rec}", line=number))
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{number}: not valid JSON ({e.msg})")
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
-            raise SystemExit(f"error: {path}:{number}: expected an object with string fields \"image\" and "
-                             f"\"prompt\", got {line.strip()[:80]}")
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
+            out.append(Failed(f"{where}: expected string fields \"image\" and \"prompt\", got "
+                              f"{json.dumps(rec)[:80]}", line=number))
+            continue
         image = pathlib.Path(rec["image"])
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
-            raise SystemExit(f"error: {path}:{number}: image {image} not found")
-        out.append(dict(rec, image=str(image)))
+            out.append(Failed(f"{where}: image {image} not found", rec["prompt"], number))
+            continue
+        out.append(dict(rec, image=str(image), line=number))
     if not out:
         raise SystemExit(f"error: {path}: no records")
     return out
@@ -221,9 +228,11 @@ def run_molmo2(args):
 
 
 def run_batch(args):
+    """Answers one line per record, in order; a record that cannot be answered gets {"line", "error"} in
+    its place and the rest go on. Exit status 1 when any record failed (after writing all of them)."""
     from tqdm import tqdm
 
-    from molmo_jax.preprocess import ImageError
+    from molmo_jax.inference import Failed
 
     requests = read_requests(args.batch)
     answerer = load_answerer(args)
@@ -231,21 +240,29 @@ def run_batch(args):
     t0 = time.perf_counter()
     partial = f"{args.out}.partial"  # an existing --out stays as it was until the batch is done
     with open(partial, "w") as f:
+        lines = iter(r["line"] if isinstance(r, dict) else r.line for r in requests)
+
         def write(answers):
             for a in answers:
-                f.write(json.dumps(a.to_json()) + "\n")
+                f.write(json.dumps(dict(a.to_json(), line=next(lines))) + "\n")
+            f.flush()
             bar.update(len(answers))
-        try:
-            answers = answerer.ask_many(requests, batch_size=args.batch_size, progress=write,
-                                        **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
-        except ImageError as e:
-            raise SystemExit(f"error: {e} (answers so far are in {partial})")
+        answers = answerer.ask_many(requests, batch_size=args.batch_size, progress=write, keep_going=True,
+                                    **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
     os.replace(partial, args.out)
     bar.close()
     seconds = time.perf_counter() - t0
-    n_tokens = sum(len(a.tokens) for a in answers)
-    print(f"{len(answers)} answers -> {args.out}; {n_tokens} tokens in {seconds:.1f}s = "
+    failed = [a for a in answers if isinstance(a, Failed)]
+    n_tokens = sum(len(a.tokens) for a in answers if not isinstance(a, Failed))
+    print(f"{len(answers) - len(failed)} answers -> {args.out}; {n_tokens} tokens in {seconds:.1f}s = "
           f"{n_tokens / seconds:.1f} tokens/s (incl. preprocessing and compilation)")
+    for a in failed:
+        print(f"error: {a.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(answers)} records failed; their lines in {args.out} hold \"error\"",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_inputs(args):
@@ -306,7 +323,7 @@ def main(argv=None):
         if args.inputs:
             run_inputs(args)
         elif args.batch:
-            run_batch(args)
+            return run_batch(args)
         else:
             run_single(args)
     except ValueError as e:  # bad sampling settings, shapes: one line, not a traceback

@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from molmo_jax import recipe
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/<model>_<stage>.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -219,6 +221,11 @@ def main(argv):
     from molmo_jax import trainer as trainer_lib
 
     config = _CONFIG.value
+    problems = recipe.validate(config)
+    if problems:  # before anything is built, loaded or written to the workdir
+        print(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {'; '.join(problems)}",
+              file=sys.stderr)
+        return 2
     index, count = jax.process_index(), jax.process_count()
     try:  # the data first: a wrong dataset name or an unbuilt dataset is one line, before any work
         data = _CountingIterator(input_pipeline.make_train_iterator(config, index, count))
@@ -259,4 +266,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:  # an unknown --config.KEY fails inside flag parsing with a traceback: name it first
+        recipe.check_overrides()
+    except recipe.RecipeError as e:
+        sys.exit(f"error: {e}")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -21,12 +21,13 @@ weight}, ...]}.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import re
 
 import tensorflow_datasets as tfds
+
+from molmo_jax import jsonl
 
 from input_pipeline.builders import hub
 from input_pipeline.builders.base import BuildArgumentError
@@ -42,17 +43,10 @@ def _split_of(path: pathlib.Path) -> str | None:
 
 
 def _read_jsonl(path: pathlib.Path):
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BuildArgumentError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise BuildArgumentError(f"{path}:{number}: expected a JSON object per line")
-            yield row
+    for number, row in jsonl.records(path):
+        if isinstance(row, str):
+            raise BuildArgumentError(f"{path}:{number}: {row}")
+        yield row
 
 
 class Vqa(hub.HubBuilder):
@@ -105,6 +99,9 @@ class Vqa(hub.HubBuilder):
             raise BuildArgumentError(f"no train*/validation*/test* .jsonl or .parquet files under {self.source!r}")
         parquet = [p for paths in files.values() for p in paths if p.suffix == ".parquet"]
         hub.check_columns(parquet, ("question",))
+        for path in (p for paths in files.values() for p in paths if p.suffix == ".jsonl"):
+            for _ in _read_jsonl(path):  # a malformed line is named now, before anything is written
+                pass
 
     def output_splits(self):
         return tuple(s for s in self.HUB_SPLITS if s in self.files())
