@@ -231,3 +231,21 @@ def test_ctrl_c_stops_the_command_and_leaves_nothing(tmp_path):
     assert proc.returncode == 1 and "interrupted:" in err and "Traceback" not in err, err
     assert time.time() - sent < 30
     assert_nothing_written(tmp_path)
+
+
+def test_remote_code_export_of_a_tower_the_release_cannot_build(tmp_path, saved_tiny):
+    """The released remote code builds the CLIP ViT-L/14-336 tower whatever config.json says, so
+    --remote-code with the tiny model's tower is refused before anything is written; without it, the
+    summary says where the export loads instead of pointing at --remote-code."""
+    code = tmp_path / "released"
+    code.mkdir()
+    (code / "modeling_molmo.py").write_text("# the release's modeling code\n")
+    with pytest.raises(WeightsError, match=r"--remote-code: the released code cannot load .*\(vit\.\w+ is .* where "
+                                           r"the released code builds .*\); export without --remote-code"):
+        export_checkpoint(saved_tiny, tmp_path / "dst", remote_code=code)
+    assert_nothing_written(tmp_path)
+    summary = export_checkpoint(saved_tiny, tmp_path / "dst")
+    notes = " ".join(summary.notes)
+    assert "not loadable by the released remote code" in notes and "--remote-code DIR" not in notes
+    assert weights.mappings.for_config(config_lib.get_config("molmo_7b_d")).remote_code_problem(
+        config_lib.get_config("molmo_72b")) is None

@@ -79,7 +79,7 @@ def test_no_tokenizer_is_a_clear_error():
 # Command line
 
 @pytest.mark.parametrize("name", ["olmo_style", "qwen2_style"])
-def test_cli_inputs_mode_reproduces_golden(name, tmp_path):
+def test_cli_inputs_mode_reproduces_golden(name, tmp_path, capsys):
     model = GOLDEN / "models" / name
     out = tmp_path / "out.npz"
     cmd = ["--checkpoint", str(model), "--inputs", str(model / "inputs.npz"), "--max-new-tokens", "16",
@@ -87,8 +87,11 @@ def test_cli_inputs_mode_reproduces_golden(name, tmp_path):
     if name == "olmo_style":  # once through a real `python -m` process
         proc = subprocess.run([sys.executable, "-m", "tools.infer", *cmd], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    else:
+    else:  # no tokenizer: the config's EOS id is outside this tiny vocabulary, and it is said so
         infer.main(cmd)
+        assert "EOS 151643 from the config, outside the vocabulary of 512: no end of text" in capsys.readouterr().out
+        infer.main(cmd + ["--tokenizer", str(TOKENIZER)])
+        assert "EOS 384 from the tokenizer" in capsys.readouterr().out
     got, exp = np.load(out), expected(name)
     np.testing.assert_array_equal(got["greedy_tokens"], exp["greedy_tokens"])
     np.testing.assert_allclose(got["greedy_step_logits"], exp["greedy_step_logits"], atol=1e-4, rtol=0)

@@ -276,10 +276,14 @@ def run_inputs(args):
     data = read_inputs(args.inputs)
     try:
         cfg, model = weights.load(args.checkpoint, quantize=args.weights)
-        try:  # EOS from the tokenizer when there is one; else the config's
+        try:  # EOS from the tokenizer when there is one; else the config's, when it names a real token
             eos = MolmoTokenizer(str(find_tokenizer(args.checkpoint, args.tokenizer)), cfg.llm.vocab_size).eos_id
+            eos_from = "the tokenizer"
         except NoTokenizerError:
-            eos = cfg.llm.eos_token_id
+            eos, eos_from = cfg.llm.eos_token_id, "the config; no tokenizer"
+            if not 0 <= eos < cfg.llm.vocab_size:  # an id the model cannot produce: every row runs to the end
+                eos_from = (f"the config, outside the vocabulary of {cfg.llm.vocab_size}: no end of text, decoding "
+                            f"runs to --max-new-tokens; give --tokenizer DIR for the real one")
     except (WeightsError, TokenizerError) as e:
         raise SystemExit(f"error: {e}")
     sampling = gen_lib.Sampling(**sampling_kwargs(args, 16))
@@ -293,7 +297,7 @@ def run_inputs(args):
     if len(out["tokens"]) == 1:  # one prompt: the golden expected.npz layout
         result = {k: v[0] for k, v in result.items()}
     np.savez(args.out, **result)
-    print(f"{cfg.name}: {out['tokens'].shape[0]} prompt(s), {n} tokens (EOS {eos}) in "
+    print(f"{cfg.name}: {out['tokens'].shape[0]} prompt(s), {n} tokens (EOS {eos} from {eos_from}) in "
           f"{time.perf_counter() - t0:.1f}s; wrote {args.out}")
 
 

@@ -91,6 +91,10 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
     out_dtype = {p: output_dtype(dtype) if dtype else np.dtype(d).name for p, (_, d) in reader.leaves.items()}
 
     mapping = for_config(cfg)
+    problem = getattr(mapping, "remote_code_problem", lambda cfg: None)(cfg) if fmt == "hf" else None
+    if problem and remote_code is not None:
+        raise WeightsError(f"--remote-code: the released code cannot load {cfg.name} ({problem}); export "
+                           "without --remote-code and load the export with molmo_jax")
     rules, prefix = mapping.rules(cfg), mapping.PREFIX
     shapes = torch_shapes(rules, cfg)
     units = conversion_units(rules)
@@ -131,7 +135,9 @@ def export_checkpoint(src, dst, *, dtype=None, fmt="hf", tokenizer=None, shard_s
             writer.write_index()
             released = mapping.to_released(cfg, torch_dtype)
             (tmp / CONFIG).write_text(json.dumps(released, indent=2) + "\n")
-            _copy_extras(tmp, info, tokenizer, remote_code, summary, mapping.NEEDS_REMOTE_CODE)
+            _copy_extras(tmp, info, tokenizer, remote_code, summary, mapping.NEEDS_REMOTE_CODE and not problem)
+            if problem:
+                summary.notes.append(f"not loadable by the released remote code ({problem}): load it with molmo_jax")
             for name, content in getattr(mapping, "processor_files", lambda cfg: {})(cfg).items():
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return summary.finish()

@@ -116,6 +116,19 @@ def config_from_released(d: dict, name: str = "imported"):
     return cfg
 
 
+def remote_code_problem(cfg) -> str | None:
+    """Why the released remote code cannot run this model, or None. That code reads only the decoder
+    from config.json: it builds the vision tower (CLIP ViT-L/14 at 336 px, two layers' features) and the
+    connector with the released sizes, so a model with another tower (tiny, demo, custom) would not load."""
+    released = config_lib.get_config("molmo_7b_d")
+    for part in ("vit", "connector"):
+        for key, want in released[part].items():
+            have = cfg[part].get(key)
+            if key != "image_feature_dropout" and tuples(have) != tuples(want):
+                return f"{part}.{key} is {have!r} where the released code builds {want!r}"
+    return None
+
+
 EXTRA = "molmo_jax"
 TOP_LEVEL = ("name", "family", "dtype", "param_dtype", "remat", "scan_unroll", "attention")
 
