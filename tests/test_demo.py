@@ -28,6 +28,7 @@ def test_quick_demo_then_eval_command(tmp_path):
     assert report["steps"] == {"stage1": 3, "stage2": 3} and report["seed_offset"] == 1
     assert report["export_max_abs_logit_diff"] == 0.0  # the exported f32 weights are the same numbers
     assert report["caption_loss"] == report["caption_loss"]  # finite, not NaN
+    assert report["matmul_gflops"] > 0 and "GFLOP/s (jax float32 2048^3 matmul)" in run.stderr
     for f in ("report.md", "predictions.jsonl", "points.png", "export_hf/config.json",
               "export_hf/model.safetensors.index.json", "export_hf/tokenizer.json", "stage1/metrics.jsonl",
               "stage2/metrics.jsonl"):
@@ -45,3 +46,14 @@ def test_quick_demo_then_eval_command(tmp_path):
     assert len(rows) == 2 and all("prediction" in r and "count" in r for r in rows)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["counting"]["accuracy"] <= 1.0
+
+
+def test_duration_estimate_meets_the_measured_runs_and_falls_with_the_rate():
+    from tools import demo
+
+    for rate, seconds in demo.REFERENCE_RUNS:
+        assert abs(demo.estimated_seconds(rate) - seconds) < 1e-6
+    rates = [20, 60, 80, 90, 106, 200, 400]
+    estimates = [demo.estimated_seconds(r) for r in rates]
+    assert all(a > b for a, b in zip(estimates, estimates[1:]))
+    assert abs(demo.estimated_seconds(40) - 2 * 1305) < 1e-6  # beyond the references: time ~ 1 / rate

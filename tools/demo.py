@@ -21,6 +21,37 @@ import time
 import numpy as np
 
 TASKS = ("synthetic_pointing", "synthetic_counting", "synthetic_qa")
+# Whole-demo wall seconds of `make demo` on two idle 2-core machines, against their jax f32 2048^3
+# matmul rate (docs/benchmarks.md#the-shipped-config): the estimate interpolates between them in
+# log-log and scales as 1 / rate beyond them.
+REFERENCE_RUNS = ((80.0, 1305.0), (106.0, 645.0))
+
+
+def matmul_rate(n: int = 2048, runs: int = 7) -> float:
+    """This CPU's jax float32 n^3 matmul rate in GFLOP/s (median of `runs`), as docs/benchmarks.md quotes."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        product(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / sorted(times)[runs // 2] / 1e9
+
+
+def estimated_seconds(rate: float) -> float:
+    """The full demo's expected wall time on a machine of this matmul rate (see REFERENCE_RUNS)."""
+    (r0, t0), (r1, t1) = REFERENCE_RUNS
+    if rate <= r0:
+        return t0 * r0 / rate
+    if rate >= r1:
+        return t1 * r1 / rate
+    k = np.log(t1 / t0) / np.log(r1 / r0)
+    return float(t0 * (rate / r0) ** k)
 
 
 def configs(workdir: str, quick: bool, seed: int = 0):
@@ -144,6 +175,9 @@ def main(argv=None):
     from molmo_jax.preprocess import Collator, MolmoTokenizer, Preprocessor
 
     t0 = time.time()
+    rate = matmul_rate()
+    estimate = "" if args.quick else f"; the demo should take about {estimated_seconds(rate) / 60:.0f} min here"
+    print(f"this CPU: {rate:.0f} GFLOP/s (jax float32 2048^3 matmul){estimate}", file=sys.stderr)
     workdir = args.workdir
     os.makedirs(workdir, exist_ok=True)
     (n1, c1), (n2, c2) = configs(workdir, args.quick, args.seed)
@@ -184,7 +218,8 @@ def main(argv=None):
         untrained_qa_accuracy=before["exact"]["accuracy"], untrained_caption_loss=loss_before,
         export_max_abs_logit_diff=logits_diff, steps={"stage1": int(t1.step), "stage2": int(t2.step)},
         eval_examples_per_task=n_eval, seed_offset=args.seed, parameters=model_lib.count_params(trained),
-        wall_seconds=time.time() - t0, quick=args.quick)
+        wall_seconds=time.time() - t0, quick=args.quick, matmul_gflops=rate,
+        estimated_wall_seconds=estimated_seconds(rate))
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     md = ["# molmo_jax demo report", "", "| metric | untrained | trained |", "|---|---|---|"]
