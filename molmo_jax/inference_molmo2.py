@@ -148,11 +148,7 @@ class Molmo2Answerer:
         """Answer one prompt. `sampling`: generate.Sampling's fields (max_new_tokens, temperature, ...)."""
         settings = gen_lib.Sampling(**{"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **sampling})
         inputs, facts = self.inputs(prompt, images, video, fps)
-        limit = int(self.cfg.llm.max_sequence_length)
-        n_prompt = int(inputs["attention_mask"].sum())
-        if n_prompt + settings.max_new_tokens > limit:
-            raise ValueError(f"the prompt has {n_prompt} tokens; with max_new_tokens {settings.max_new_tokens} "
-                             f"that exceeds the model's context of {limit} tokens")
+        gen_lib.check_fits(int(inputs["attention_mask"].sum()), settings.max_new_tokens, self.cfg)
         out = self.generator(model_batch(inputs), settings)
         text, _ = gen_lib.cut_at_stop(self.processor.tokenizer.decode(out["tokens"][0]), settings.stop_strings)
         text = text.strip()

@@ -181,3 +181,30 @@ def test_aot_batch_is_the_loaders_layout(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "expert"))
     spec = abstract_batch(config, mesh)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in spec.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+def test_batch_of_images_several_images_and_a_video(checkpoint, tmp_path, capsys):
+    """A Molmo2 --batch answers each record as the single-prompt modes do; a bad record gets its error
+    on its own line and the others are answered."""
+    path, _, _ = checkpoint
+    a, b = pictures(tmp_path / "images", [(120, 80), (60, 90)])
+    pictures(tmp_path / "video", [(64, 48)] * 4, seed=1)
+    singles = [run(capsys, "--checkpoint", str(path), "--image", a, "--prompt", "What is this?"),
+               run(capsys, "--checkpoint", str(path), "--image", a, "--image", b, "--prompt", "What is this?"),
+               run(capsys, "--checkpoint", str(path), "--video", str(tmp_path / "video"), "--fps", "2",
+                   "--prompt", "What is this?")]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "images/frame_00.png", "prompt": "What is this?"},
+        {"image": [a, b], "prompt": "What is this?"},
+        {"video": "video", "fps": 2, "prompt": "What is this?"},
+        {"image": [], "prompt": "What is this?"},
+        {"video": "images/frame_00.png", "prompt": "What is this?"}]) + "\n")
+    out = tmp_path / "answers.jsonl"
+    status = infer.main(["--checkpoint", str(path), "--batch", str(requests), "--out", str(out),
+                         "--max-new-tokens", "6"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert status == 1 and [r["line"] for r in rows] == [1, 2, 3, 4, 5]
+    for row, single in zip(rows, singles):
+        assert row["tokens"] == single["tokens"] and row.get("sizes") == single.get("sizes")
+    assert "non-empty list of paths" in rows[3]["error"] and "not found" in rows[4]["error"]

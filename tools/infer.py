@@ -13,8 +13,9 @@ A Molmo2 video is a folder of frames (image files, in name order; no video decod
 at `--fps` frames per second (default: the processor's sampling rate); its points and tracks are
 reported per frame time, and `--out-image OUT.png` draws every image or frame with points as
 OUT_000.png, OUT_001.png, ... (one image: OUT.png itself).
-Batch records are JSON objects {"image": path, "prompt": text}; relative image paths are read
-relative to the JSONL file. Each record gets one output line, in order; a record that cannot be answered
+Batch records are JSON objects {"image": path, "prompt": text} (Molmo2: "image" may be a list of
+paths, or "video": a folder of frames with an optional "fps"); relative paths are read relative to
+the JSONL file; a Molmo2 answers its records one at a time. Each record gets one output line, in order; a record that cannot be answered
 (bad line, missing or unreadable image, prompt too long) gets {"line", "error"} instead and the batch goes
 on (exit status 1 when any failed). `--inputs` decodes pre-made model inputs (input_ids, images, image_masks,
 image_input_idx) and writes greedy_tokens and greedy_step_logits, for parity checks.
@@ -81,9 +82,29 @@ def sampling_kwargs(args, default_max_new_tokens):
                 seed=args.seed, stop_strings=tuple(args.stop))
 
 
-def read_requests(path) -> list:
-    """The records of a JSONL file, in order: {"image", "prompt", "line"} dicts, and for a line that cannot
-    be used (not JSON, not UTF-8, missing fields, image not found) a `Failed` naming the line and why."""
+def _media_problem(rec: dict, molmo2: bool) -> str | None:
+    """What is wrong with a record's fields, or None. Molmo: "image" (a path). Molmo2: "image" (a path or a
+    list of paths) or "video" (a folder of frames, with an optional "fps")."""
+    if not isinstance(rec.get("prompt"), str):
+        return 'expected a string field "prompt"'
+    image, video = rec.get("image"), rec.get("video")
+    if not molmo2:
+        return None if isinstance(image, str) and video is None else 'expected a string field "image" (a path)'
+    if (image is None) == (video is None):
+        return 'expected "image" (a path or a list of paths) or "video" (a folder of frames), one of them'
+    if video is not None:
+        fps = rec.get("fps")
+        if not isinstance(video, str) or (fps is not None and (not isinstance(fps, (int, float)) or fps <= 0)):
+            return '"video" must be a folder path and "fps" a positive number'
+        return None
+    if isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(i, str) for i in image)):
+        return None
+    return '"image" must be a path or a non-empty list of paths'
+
+
+def read_requests(path, molmo2: bool = False) -> list:
+    """The records of a JSONL file, in order: dicts with "line" and their paths resolved, and for a line
+    that cannot be used (not JSON, not UTF-8, missing fields, image not found) a `Failed` naming the line."""
     from molmo_jax.inference import Failed
 
     from molmo_jax import jsonl
@@ -101,16 +122,24 @@ def read_requests(path) -> list:
         if isinstance(rec, str):
             out.append(Failed(f"{where}: {rec}", line=number))
             continue
-        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
-            out.append(Failed(f"{where}: expected string fields \"image\" and \"prompt\", got "
-                              f"{json.dumps(rec)[:80]}", line=number))
+        problem = _media_problem(rec, molmo2)
+        if problem:
+            out.append(Failed(f"{where}: {problem}, got {json.dumps(rec)[:80]}", line=number))
             continue
-        image = pathlib.Path(rec["image"])
-        image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
-            out.append(Failed(f"{where}: image {image} not found", rec["prompt"], number))
+        resolved = {}
+        for key in ("image", "video"):
+            if key in rec:
+                names = [rec[key]] if isinstance(rec[key], str) else rec[key]
+                found = [p if p.is_absolute() else path.parent / p for p in map(pathlib.Path, names)]
+                missing = [str(p) for p in found if not (p.is_dir() if key == "video" else p.is_file())]
+                if missing:
+                    problem = f"{key} {missing[0]} not found"
+                    break
+                resolved[key] = [str(p) for p in found] if isinstance(rec[key], list) else str(found[0])
+        if problem:
+            out.append(Failed(f"{where}: {problem}", rec["prompt"], number))
             continue
-        out.append(dict(rec, image=str(image), line=number))
+        out.append(dict(rec, **resolved, line=number))
     if not out:
         raise SystemExit(f"error: {path}: no records")
     return out
@@ -193,9 +222,7 @@ def run_molmo2(args):
     from molmo_jax.preprocess import ImageError, TokenizerError
     from molmo_jax.preprocess.image_io import load_image
 
-    if args.max_crops is not None or args.style != "demo":
-        raise SystemExit("error: --max-crops and --style are Molmo's; a Molmo2 uses its config's crops and "
-                         "its chat template")
+    check_molmo2_options(args)
     frames = video_frames(args.video) if args.video else None
     try:
         answerer = Molmo2Answerer.load(args.checkpoint, args.tokenizer, weights_kind=args.weights)
@@ -234,8 +261,9 @@ def run_batch(args):
 
     from molmo_jax.inference import Failed
 
-    requests = read_requests(args.batch)
-    answerer = load_answerer(args)
+    molmo2 = checkpoint_family(args) == "molmo2"
+    requests = read_requests(args.batch, molmo2)
+    answer_all = molmo2_batch(args) if molmo2 else load_answerer(args).ask_many
     bar = tqdm(total=len(requests), unit="prompt", file=sys.stderr)
     t0 = time.perf_counter()
     partial = f"{args.out}.partial"  # an existing --out stays as it was until the batch is done
@@ -247,8 +275,8 @@ def run_batch(args):
                 f.write(json.dumps(dict(a.to_json(), line=next(lines))) + "\n")
             f.flush()
             bar.update(len(answers))
-        answers = answerer.ask_many(requests, batch_size=args.batch_size, progress=write, keep_going=True,
-                                    **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
+        answers = answer_all(requests, batch_size=args.batch_size, progress=write, keep_going=True,
+                             **sampling_kwargs(args, DEFAULT_MAX_NEW_TOKENS))
     os.replace(partial, args.out)
     bar.close()
     seconds = time.perf_counter() - t0
@@ -263,6 +291,49 @@ def run_batch(args):
               file=sys.stderr)
         return 1
     return 0
+
+
+def molmo2_batch(args):
+    """A Molmo2 checkpoint's answers to batch records, one record at a time (records differ in their
+    number of images and frames), with the same progress and keep-going contract as Answerer.ask_many."""
+    from molmo_jax import weights
+    from molmo_jax.inference import Failed
+    from molmo_jax.inference_molmo2 import Molmo2Answerer
+    from molmo_jax.preprocess import TokenizerError
+    from molmo_jax.preprocess.image_io import load_image
+
+    check_molmo2_options(args)
+    try:
+        answerer = Molmo2Answerer.load(args.checkpoint, args.tokenizer, weights_kind=args.weights)
+    except (weights.WeightsError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}")
+
+    def answer_all(requests, *, batch_size, progress, keep_going, **sampling):
+        del batch_size, keep_going
+        answers = []
+        for r in requests:
+            if not isinstance(r, Failed):
+                try:
+                    if "video" in r:
+                        frames = [load_image(f) for f in video_frames(r["video"])]
+                        answer = answerer.ask(r["prompt"], video=frames, fps=r.get("fps"), **sampling)
+                    else:
+                        images = [r["image"]] if isinstance(r["image"], str) else r["image"]
+                        answer = answerer.ask(r["prompt"], images=[load_image(i) for i in images], **sampling)
+                except (ValueError, SystemExit) as e:  # ImageError, too long, an empty frames folder
+                    r = Failed(str(e).removeprefix("error: "), r["prompt"], r["line"])
+                else:
+                    r = answer
+            answers.append(r)
+            progress([r])
+        return answers
+    return answer_all
+
+
+def check_molmo2_options(args):
+    if args.max_crops is not None or args.style != "demo":
+        raise SystemExit("error: --max-crops and --style are Molmo's; a Molmo2 uses its config's crops and "
+                         "its chat template")
 
 
 def run_inputs(args):
