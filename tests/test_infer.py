@@ -128,13 +128,17 @@ def test_cli_batch_mode(tmp_path, capsys):
     assert "tokens/s" in captured.out and "2/2" in captured.err  # the summary and the progress bar
 
 
-def test_cli_bad_inputs_give_one_line_errors(tmp_path):
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
     base = ["--checkpoint", str(QWEN), "--tokenizer", str(TOKENIZER)]
     with pytest.raises(SystemExit, match="nowhere.png: image not found"):
         infer.main(base + ["--image", str(tmp_path / "nowhere.png"), "--prompt", "Hi"])
     with pytest.raises(SystemExit, match="no such file or directory"):
         infer.main(["--checkpoint", str(tmp_path / "none"), "--image", str(IMAGE), "--prompt", "Hi",
                     "--tokenizer", str(TOKENIZER)])
+    for flag in ("--max-new-tokens", "--batch-size", "--max-crops", "--beam-size"):
+        with pytest.raises(SystemExit) as exit_info:
+            infer.main(base + ["--image", str(IMAGE), "--prompt", "Hi", flag, "0"])
+        assert exit_info.value.code == 2 and f"{flag} must be positive, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot be combined with sampling"):
         infer.main(base + ["--image", str(IMAGE), "--prompt", "Hi", "--beam-size", "2", "--temperature", "1"])
 

@@ -73,6 +73,10 @@ def parse_args(argv):
         p.error("--out-image goes with --image or --video")
     if args.fps is not None and not args.video:
         p.error("--fps goes with --video")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--max-crops", args.max_crops), ("--beam-size", args.beam_size), ("--fps", args.fps)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} must be positive, got {value:g}")
     return args
 
 
