@@ -177,7 +177,7 @@ def test_a_bad_batch_record_costs_only_its_own_line(tmp_path, capsys):
     assert [r["line"] for r in rows] == list(range(1, 9))
     errors = {r["line"]: r["error"] for r in rows if "error" in r}
     assert sorted(errors) == [2, 3, 4, 5, 6, 7]
-    for line, words in ((2, "not valid JSON"), (3, "not UTF-8"), (4, "expected string fields"),
+    for line, words in ((2, "not valid JSON"), (3, "not UTF-8"), (4, "expected a string field \"prompt\""),
                         (5, "missing.png not found"), (6, "broken.png"), (7, "exceeds the model's context")):
         assert words in errors[line], (line, errors[line])
     for row in (rows[0], rows[7]):
