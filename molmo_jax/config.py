@@ -86,7 +86,8 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
         # Mixture of experts (OLMoE block). 0 experts = dense SwiGLU block.
         moe_num_experts=0,
         moe_top_k=0,
-        moe_impl="ragged",        # "ragged" (grouped matmul, dropless) or "dense" (every expert)
+        moe_impl="auto",          # "gmm" (Pallas grouped matmul, per shard), "ragged" (XLA's ragged dot),
+                                  # "dense" (every expert); "auto": gmm on TPU, ragged elsewhere
         # Dropout (training only).
         residual_dropout=0.0,
         response_residual_dropout=0.0,

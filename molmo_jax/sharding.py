@@ -181,6 +181,13 @@ def current_mesh() -> Mesh | None:
     return _current[-1][0] if _current else None
 
 
+def platform() -> str:
+    """The platform the program is built for: the active mesh's devices (compile-only TPU devices
+    included), else jax's default backend."""
+    mesh = current_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x, names: Sequence[str | None]):
     """with_sharding_constraint by logical names; identity when no mesh is active."""
     if not _current:

@@ -220,6 +220,38 @@ ENTRY %main (a: bf16[18432,2048], b: bf16[64,2048,256], g: s32[65]) -> bf16[1843
     assert hlo_stats.analyse_hlo(text, 1).flops == 2 * 18432 * 2048 * 256
 
 
+def test_megablox_kernel_flops_are_its_estimate_times_the_local_experts():
+    """The MoE's Pallas gmm / tgmm kernels carry their own cost estimate (2 m k n over all rows);
+    a device holding 16 of 64 experts computes a quarter of the rows (balanced routing)."""
+    def kernel(name, kind, out, rhs, flops):
+        return (f'  ROOT %{name} = {out} custom-call(%o, %a, %b), custom_call_target="tpu_custom_call", '
+                f'metadata={{op_name="jit(step)/shard_map/jit({kind})/pallas_call"}}, '
+                f'backend_config={{"custom_call_config":{{"body":"x","cost_estimate":{{"flops":"{flops}",'
+                f'"transcendentals":"0","bytes_accessed":"1"}}}}}}')
+    flops = 2 * 4096 * 2048 * 128
+    for experts, share in ((64, 1.0), (16, 0.25)):
+        gmm = f"""HloModule m
+ENTRY %main (o: s32[65], a: bf16[4096,2048], b: bf16[{experts},2048,128]) -> bf16[4096,128] {{
+  %o = s32[65]{{0}} parameter(0)
+  %a = bf16[4096,2048]{{1,0}} parameter(1)
+  %b = bf16[{experts},2048,128]{{2,1,0}} parameter(2)
+{kernel("gmm.3", "gmm", "bf16[4096,128]{1,0}", "", flops)}
+}}
+"""
+        stats = hlo_stats.analyse_hlo(gmm, 1)
+        assert stats.flops == flops * share
+        assert stats.hbm_by_category["matmul"] == 2 * (4096 * 2048 + experts * 2048 * 128 + 4096 * 128) + 4 * 65
+        tgmm = f"""HloModule m
+ENTRY %main (o: s32[65], a: bf16[2048,4096], b: bf16[4096,128]) -> bf16[{experts},2048,128] {{
+  %o = s32[65]{{0}} parameter(0)
+  %a = bf16[2048,4096]{{1,0}} parameter(1)
+  %b = bf16[4096,128]{{1,0}} parameter(2)
+{kernel("tgmm", "tgmm", f"bf16[{experts},2048,128]{{2,1,0}}", "", flops)}
+}}
+"""
+        assert hlo_stats.analyse_hlo(tgmm, 1).flops == flops * share
+
+
 def test_attention_kernel_flops_and_bytes():
     """A splash attention kernel (TPU custom call; its metadata JSON spans lines): the analytic count
     over every query and key (forward 4 x queries x keys x head_dim), operands and results read and
@@ -357,6 +389,26 @@ def test_tpu_slice_compile_and_out_of_memory(libtpu):
     assert not r["fits"] and "RESOURCE_EXHAUSTED" in r["oom_message"]
     assert r["compiler_hbm_bytes"] == pytest.approx(topology.CHIPS["v5e"].hbm_bytes, rel=0.01)
     assert r["peak_bytes_per_device"] > topology.CHIPS["v5e"].hbm_bytes
+
+
+def test_tpu_moe_step_computes_only_routed_tokens(libtpu):
+    """A MoE step compiled for v5e-8: through the grouped-matmul kernel ("auto" on TPU) it does about
+    its model FLOPs (no remat here, so forward + backward = 3x forward); XLA's ragged dot lowers its
+    weight gradient as every expert times every routed token (8 experts, top 2: ~4x that part)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topo = topology.parse_topology("v5e-8")
+    devices = topology.topology_devices(topo)
+    ratio = {}
+    for impl in ("auto", "ragged"):
+        c = small_config()
+        c.batch_size, c.seq_len = 16, 256
+        c.model.attention, c.model.remat = "dense", "none"
+        c.model.llm.update(moe_num_experts=8, moe_top_k=2, mlp_dim=256, d_model=256, n_heads=4,
+                           head_dim=64, moe_impl=impl)
+        r = aot.compile_report(c, topo, dict(fsdp=4, tensor=2), devices=devices)
+        ratio[impl] = r["flops_per_device"] / r["model_flops_per_device"]
+    assert 0.9 < ratio["auto"] < 1.1, ratio
+    assert ratio["ragged"] > 1.5 * ratio["auto"], ratio
 
 
 def _report(topology="v5p-64", mesh=None, micro=1, accum=1, remat="full", fits=True, step=9.5, mfu=0.41,

@@ -6,7 +6,9 @@ and gradient accumulation are `lax.scan`s. Counted:
   flops        2 x multiply-adds of dot / ragged-dot / convolution and of the TPU grouped-matmul
                kernels (custom calls named ragged-dot*); attention kernels (custom calls named
                splash_*) by the analytic count over every query and key, i.e. as if no block were
-               masked (forward 4, dq 6, dkv 8 x queries x keys x head_dim); elementwise work is ignored
+               masked (forward 4, dq 6, dkv 8 x queries x keys x head_dim); the MoE's grouped-matmul
+               kernels (Pallas megablox gmm / tgmm) by their own cost estimate, scaled to the experts a
+               device holds (`grouped_kernel_flops`); elementwise work is ignored
   hbm_bytes    bytes read and written by the top-level instructions and collectives (a fusion reads its operands
                and writes its result once; (dynamic) slices of stacked weights or saved activations
                count the slice, also through nested fusions, as do TPU async slices (`slice-start`),
@@ -114,6 +116,38 @@ def ragged_kernel_flops(ins: Instr, shapes: dict) -> float:
     return 0.0
 
 
+_GROUPED_OP = re.compile(r'op_name="[^"]*jit\((t?gmm)\)/pallas_call"')
+_COST_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+
+
+def grouped_kernel(ins: Instr) -> str:
+    """'gmm' or 'tgmm' for a Pallas megablox grouped-matmul kernel (layers/moe_kernel.py), else ''."""
+    if ins.opcode != "custom-call" or "tpu_custom_call" not in ins.attrs:
+        return ""
+    m = _GROUPED_OP.search(ins.attrs)
+    return m.group(1) if m else ""
+
+
+def grouped_kernel_flops(ins: Instr, shapes: dict) -> float:
+    """The kernel's own cost estimate (2 m k n over all m rows), times the share of the groups this
+    device holds: under expert parallelism a device computes only the rows routed to its experts,
+    counted here as if routing were balanced (E_local / E of the rows). The groups: the row-offset
+    table s32[E + 1] among the operands; the local ones: the weights' (gmm) or result's (tgmm) first
+    dimension."""
+    m = _COST_FLOPS.search(ins.attrs)
+    if not m:
+        return 0.0
+    ops = [arrays(shapes.get(o, "")) for o in ins.operands]
+    offsets = next((a[0][1][0] for a in ops if len(a) == 1 and a[0][0] == "s32" and len(a[0][1]) == 1
+                    and a[0][1][0] > 1), None)
+    grouped = arrays(ins.shape) if grouped_kernel(ins) == "tgmm" else next(
+        (a for a in ops if len(a) == 1 and len(a[0][1]) == 3), [])
+    share = 1.0
+    if offsets and grouped:
+        share = min(1.0, grouped[0][1][0] / (offsets - 1))
+    return float(m.group(1)) * share
+
+
 def _splash_shapes(ins: Instr, shapes: dict):
     """(queries x head_dim array dims, keys) of a splash attention kernel: its first floating operand
     is q [..., T, d], its second k [..., S, d]."""
@@ -177,7 +211,7 @@ def _category(ins: Instr, functions: list, comps) -> str:
         return "attention"
     if "optax" in functions:
         return "optimizer"
-    if _holds_dot(ins, comps):
+    if _holds_dot(ins, comps) or grouped_kernel(ins):
         return "matmul"
     return "elementwise" if ins.opcode == "fusion" else "other"
 
@@ -274,6 +308,8 @@ def analyse_hlo(text: str, n_devices: int) -> HloStats:
                 flops += weight * ragged_kernel_flops(ins, shapes)
             elif _is_splash(ins):
                 flops += weight * splash_flops(ins, shapes)
+            elif grouped_kernel(ins):
+                flops += weight * grouped_kernel_flops(ins, shapes)
             c = _collective(ins)
             if c:
                 kind, size = c

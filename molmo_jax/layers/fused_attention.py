@@ -30,16 +30,9 @@ from molmo_jax.layers.attention import Mask
 BLOCK = 128  # sequences are padded to a multiple of this; blocks are 128, 256 or 512 tokens
 
 
-def platform() -> str:
-    """The platform the program is built for: the active mesh's devices (compile-only TPU devices
-    included), else jax's default backend."""
-    mesh = sharding.current_mesh()
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-
-
 def kernel_for(impl: str, dtype):
     """The fused kernel `impl` ("fused" or "auto") selects here, or None for the dense path."""
-    where = platform()
+    where = sharding.platform()
     if where == "tpu" or (where == "cpu" and impl == "fused"):
         return functools.partial(splash, interpret=where == "cpu")
     if where == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):

@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax import sharding
 from molmo_jax.layers.core import Dense, kernel_std, param, residual_out_std
+from molmo_jax.layers.moe_kernel import moe_gmm
 
 
 def swiglu(gate, up, down, x):
@@ -28,14 +30,25 @@ class MLP(nnx.Module):
         return swiglu(self.w_gate, self.w_up, self.w_down, x)
 
 
+MOE_IMPLEMENTATIONS = ("auto", "gmm", "ragged", "dense")
+
+
+def moe_kernel(impl: str) -> str:
+    """What `moe_impl` runs here: "auto" is the grouped-matmul kernel on TPU, XLA's ragged dot
+    elsewhere (the kernel is TPU-only; on CPU it runs in interpret mode, for tests)."""
+    if impl != "auto":
+        return impl
+    return "gmm" if sharding.platform() == "tpu" else "ragged"
+
+
 class MoE(nnx.Module):
     """OLMoE mixture of experts: softmax over all experts, top-k, no renormalisation, dropless."""
 
     def __init__(self, lcfg, *, dtype, param_dtype, rngs, stack):
         d, f, e = lcfg.d_model, lcfg.mlp_dim, lcfg.moe_num_experts
         self.top_k, self.impl = lcfg.moe_top_k, lcfg.moe_impl
-        if self.impl not in ("ragged", "dense"):
-            raise ValueError(f"llm.moe_impl={self.impl!r}; choose 'ragged' or 'dense'")
+        if self.impl not in MOE_IMPLEMENTATIONS:
+            raise ValueError(f"llm.moe_impl={self.impl!r}; choose one of {', '.join(MOE_IMPLEMENTATIONS)}")
         self.dtype = jnp.dtype(dtype)
         self.router = Dense(d, e, ("embed",), ("experts",), dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs, stack=stack)
@@ -51,7 +64,10 @@ class MoE(nnx.Module):
         probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)
         weights, experts = jax.lax.top_k(probs, self.top_k)                   # [N, k]
         wg, wu, wd = (w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        if self.impl == "dense":  # every expert on every token: exact and simple, for small models
+        impl = moe_kernel(self.impl)
+        if impl == "gmm":
+            out = moe_gmm(x, experts, weights, wg, wu, wd, interpret=sharding.platform() == "cpu")
+        elif impl == "dense":  # every expert on every token: exact and simple, for small models
             h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, wg)) * jnp.einsum("nd,edf->nef", x, wu)
             y = jnp.einsum("nef,efd->ned", h, wd)
             combine = jnp.zeros_like(probs).at[jnp.arange(x.shape[0])[:, None], experts].set(weights)
