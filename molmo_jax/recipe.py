@@ -3,8 +3,8 @@
 Two kinds of mistakes are caught here, before anything is loaded, compiled or written:
 - an override `--config.a.b=V` naming a key the recipe does not have: ml_collections would raise an
   AttributeError deep in flag parsing; `check_overrides` names the key and suggests the close ones;
-- values no run can use (zero or negative sizes, a micro-batch count that does not divide the batch):
-  `validate` returns every problem at once, each naming its key.
+- values no run can use (zero or negative sizes, a micro-batch count that does not divide the batch, a
+  mesh this run's devices cannot form): `validate` returns every problem at once, each naming its key.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def _get(config, dotted: str):
     return node
 
 
-def validate(config) -> list[str]:
-    """Every problem of a training recipe, each as 'key: what is wrong' (empty when it can run)."""
+def validate(config, n_devices: int | None = None) -> list[str]:
+    """Every problem of a training recipe, each as 'key: what is wrong' (empty when it can run).
+    With `n_devices` (the devices this run sees), the mesh is also resolved against that count."""
     problems = []
     for keys, smallest in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
         for key in keys:
@@ -103,4 +104,11 @@ def validate(config) -> list[str]:
         size = mesh[axis]
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
             problems.append(f"mesh.{axis}: must be a positive size or -1 (the remaining devices), got {size!r}")
+    if n_devices is not None and mesh is not None and not any(p.startswith("mesh.") for p in problems):
+        from molmo_jax import sharding  # imports jax: only when a device count is given
+
+        try:
+            sharding.mesh_shape(dict(mesh), n_devices)
+        except sharding.MeshError as e:
+            problems.append(str(e))  # "mesh {...}: what is wrong"
     return problems

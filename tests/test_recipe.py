@@ -40,8 +40,21 @@ def test_sizes_no_run_can_use_are_each_named():
     assert recipe.validate(config) == ["grad_accum_steps: 3 micro-batches do not divide batch_size 4"]
 
 
+def test_a_mesh_the_devices_cannot_form_is_named():
+    config = recipe.load_recipe(TINY)
+    assert recipe.validate(config, n_devices=8) == []  # fsdp=-1 takes whatever there is
+    config.mesh.fsdp, config.mesh.tensor = -1, 3
+    (problem,) = recipe.validate(config, n_devices=8)
+    assert problem.startswith("mesh {") and "'tensor': 3" in problem and problem.endswith(": 8 devices are not divisible by 3")
+    config.mesh.fsdp = 2
+    (problem,) = recipe.validate(config, n_devices=8)
+    assert "'fsdp': 2" in problem and problem.endswith("needs 6 devices, but 8 are available")
+    assert recipe.validate(config) == []  # without a device count only the sizes themselves are checked
+
+
 @pytest.mark.parametrize("override, words", [("--config.batch_sise=2", "did you mean batch_size?"),
-                                             ("--config.batch_size=-4", "batch_size: must be >= 1, got -4")])
+                                             ("--config.batch_size=-4", "batch_size: must be >= 1, got -4"),
+                                             ("--config.mesh.fsdp=1000", "needs 1000 devices, but")])
 def test_train_refuses_before_the_workdir_is_touched(tmp_path, override, words):
     workdir = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "tools.train", "--config", TINY, "--workdir", str(workdir), override],

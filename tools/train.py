@@ -167,17 +167,17 @@ def make_evaluator(config):
     """Validation loss and a small generation evaluation, every config.eval_every steps (0 = off)."""
     if not config.get("eval_every") or config.data.kind == "random":
         return None
-    if config.model.get("family", "molmo") != "molmo":
-        raise SystemExit(f"error: config.eval_every: the periodic evaluation runs Molmo's prompts and metrics; "
-                         f"set it to 0 for a {config.model.family} model")
     import itertools
 
     import input_pipeline
     from input_pipeline.evaluation import make_eval_examples
     from molmo_jax import evaluate
-    from molmo_jax.preprocess import MolmoTokenizer
+    from molmo_jax.preprocess import Molmo2Tokenizer, MolmoTokenizer
 
-    tokenizer = MolmoTokenizer(input_pipeline.tokenizer_dir(config), config.model.llm.vocab_size)
+    if config.model.get("family", "molmo") == "molmo2":
+        tokenizer = Molmo2Tokenizer(input_pipeline.tokenizer_dir(config))
+    else:
+        tokenizer = MolmoTokenizer(input_pipeline.tokenizer_dir(config), config.model.llm.vocab_size)
     examples = []
     if config.data.kind == "synthetic":
         for task in config.eval_tasks:
@@ -221,7 +221,7 @@ def main(argv):
     from molmo_jax import trainer as trainer_lib
 
     config = _CONFIG.value
-    problems = recipe.validate(config)
+    problems = recipe.validate(config, jax.device_count())
     if problems:  # before anything is built, loaded or written to the workdir
         print(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {'; '.join(problems)}",
               file=sys.stderr)
