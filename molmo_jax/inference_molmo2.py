@@ -98,9 +98,9 @@ def model_batch(inputs: dict, bucket: int = SEQ_BUCKET) -> dict:
 class Molmo2Answerer:
     """A Molmo2, its processor and a compiled generator. Build it with `Molmo2Answerer.load`."""
 
-    def __init__(self, cfg, model, tokenizer, mesh=None):
+    def __init__(self, cfg, model, tokenizer, mesh=None, max_crops: int | None = None):
         self.cfg = cfg
-        self.processor = processor_for(cfg, tokenizer)
+        self.processor = processor_for(cfg, tokenizer, max_crops)
         tok = self.processor.tokenizer
         self.eos_id = tok._tok.token_to_id(tok.eos_token)
         self.generator = gen_lib.Generator(model, self.eos_id, detokenize=tok.decode, mesh=mesh)

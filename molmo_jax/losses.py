@@ -11,9 +11,11 @@ import jax.numpy as jnp
 from molmo_jax.sharding import constrain
 
 Z_LOSS_WEIGHT = 1e-4
-# What a training batch holds (the Collator's layout; padding -1).
+# What a training batch may hold (padding -1): Molmo's Collator layout, then Molmo2's (its crops flat
+# over the batch, `image_token_pooling` indexing their patches batch-wide).
 BATCH_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
-              "image_masks", "image_input_idx")
+              "image_masks", "image_input_idx", "pixel_values", "image_token_pooling", "pixel_values_videos",
+              "video_token_pooling", "mm_token_type_ids")
 
 
 def token_losses(logits, labels, weights):

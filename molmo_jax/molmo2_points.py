@@ -20,13 +20,15 @@ import os
 import re
 import numpy as np
 
-from molmo_jax.points import draw_points
+from molmo_jax.points import ParsedPoints, draw_points, parse_points
 
 _ELEMENT = re.compile(r"<(points|tracks)\b([^<>]*?)(/?)(>|$)")
 _COORDS = re.compile(r"\bcoords\s*=\s*\"([^\"]*)\"?")
 _ALT = re.compile(r"\balt\s*=\s*\"([^\"]*)\"?")
 _FRAME = re.compile(r"(?:^|\t|:|,|;)([0-9.]+) ([0-9. ]+)")
 _POINT = re.compile(r"([0-9]+) ([0-9]{3,4}) ([0-9]{3,4})")
+_HAS_COORDS = re.compile(r"<(?:points|tracks)\b[^<>]*\bcoords\s*=")
+_ONE_ELEMENT = re.compile(r"<(points|tracks)\b[^<>]*\bcoords\s*=\s*\"[^\"]*\"[^<>]*>[^<]*</\1>")
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
 
@@ -109,6 +111,30 @@ def parse_molmo2_points(text: str, width, height) -> Molmo2Points:
                 texts.append(body)
     return Molmo2Points(points=np.array(pts, np.float64).reshape(-1, 2), frames=np.array(frames, np.float64),
                         ids=np.array(ids, np.int64), kinds=kinds, alts=alts, texts=texts, dropped=dropped)
+
+
+def is_molmo2_answer(text) -> bool:
+    """Whether an answer holds Molmo2's `<points coords=...>` / `<tracks coords=...>` elements."""
+    return isinstance(text, str) and _HAS_COORDS.search(text) is not None
+
+
+def answer_points(text, width: int, height: int) -> ParsedPoints:
+    """The points of one image's answer from either family, in pixels: Molmo2's elements when the answer
+    has them, else Molmo's forms (`points.parse_points`). `valid_format` is True for an answer that is
+    exactly one complete Molmo2 element, as it is for exactly one Molmo form."""
+    if not is_molmo2_answer(text):
+        return parse_points(text, width, height)
+    p = parse_molmo2_points(text, width, height)
+    return ParsedPoints(points=p.points, alts=p.alts, texts=p.texts,
+                        valid_format=_ONE_ELEMENT.fullmatch(text.strip()) is not None, dropped=p.dropped)
+
+
+def pointed_count(text) -> int | None:
+    """Distinct objects a Molmo2 answer points at, or None when it points at none."""
+    if not is_molmo2_answer(text):
+        return None
+    p = parse_molmo2_points(text, 1000, 1000)  # coordinates are thousandths: the size does not matter
+    return p.count if p.num_points else None
 
 
 def molmo2_points_to_text(frames, ids, points, width, height, alt: str | None = None, text: str = "",

@@ -318,6 +318,11 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _global_batch(self, batch: dict):
+        if jax.process_count() > 1 and batch.get("image_token_pooling") is not None:
+            # Each process's pooling indices point into its own crops; one global batch would need them
+            # offset by the crops of the processes before it.
+            raise ValueError("Molmo2 batches index their crops batch-wide: training on several processes "
+                             "is not supported for Molmo2 yet; train on one host")
         out = {}
         for k in losses.BATCH_KEYS:
             if k in batch and batch[k] is not None:

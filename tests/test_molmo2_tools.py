@@ -154,12 +154,15 @@ def test_fine_tune_then_ask(tmp_path, capsys):
     cmd = [sys.executable, "-m", "tools.train", "--config", "configs/molmo2_tiny_sft.py", "--workdir",
            str(tmp_path / "run"), "--config.total_steps=3", "--config.checkpoint_every=3", "--config.batch_size=2",
            "--config.seq_len=320", f"--config.data.data_dir={tmp_path / 'data'}",
-           "--config.data.synthetic_split_sizes=train=16,validation=4,test=4", "--progress=false"]
+           "--config.data.synthetic_split_sizes=train=16,validation=4,test=4", "--progress=false",
+           "--config.eval_every=3", "--config.eval_examples=1", "--config.eval_batches=1"]
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses)) and 4.0 < losses[0] < 7.0  # ~ln(403) at init
+    evals = [r for r in rows if any(k.startswith("eval") for k in r)]
+    assert len(evals) == 1, rows  # the periodic evaluation: validation loss and generation metrics
     image = pictures(tmp_path / "images", [(80, 60)])[0]
     answer = run(capsys, "--checkpoint", str(tmp_path / "run"), "--tokenizer", MOLMO2_TINY_TOKENIZER,
                  "--image", image, "--prompt", "Point to the squares.")
@@ -208,3 +211,76 @@ def test_batch_of_images_several_images_and_a_video(checkpoint, tmp_path, capsys
     for row, single in zip(rows, singles):
         assert row["tokens"] == single["tokens"] and row.get("sizes") == single.get("sizes")
     assert "non-empty list of paths" in rows[3]["error"] and "not found" in rows[4]["error"]
+
+
+@pytest.mark.parametrize("dataset, task", [("synthetic_pointing", "pointing"), ("synthetic_counting", "counting")])
+def test_eval_a_molmo2_checkpoint(checkpoint, tmp_path, capsys, dataset, task):
+    """tools.eval on a Molmo2 checkpoint: each prediction is the answerer's answer to the prompt training
+    writes for that example, and each score is the metric's score of that prediction."""
+    from input_pipeline.evaluation import make_eval_examples
+    from molmo_jax.metrics import tasks
+    from molmo_jax.preprocess import FormatSettings
+    from molmo_jax.preprocess.molmo2_example import user_prompt
+    from tools import eval as eval_tool
+
+    path, cfg, model = checkpoint
+    data, out = str(tmp_path / "data"), tmp_path / "eval"
+    sizes = "train=4,validation=2,test=2"
+    assert eval_tool.main(["--checkpoint", str(path), "--dataset", dataset, "--max-examples", "2", "--batch-size", "2",
+                           "--data-dir", data, "--split-sizes", sizes, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    metrics = json.load(open(out / "metrics.json"))
+    assert len(rows) == 2 and metrics[task]["n"] == 2
+    from input_pipeline.builders.base import parse_split_sizes
+    examples = list(make_eval_examples(dataset, None, data, limit=2,
+                                       split_sizes=parse_split_sizes(sizes, ("train", "validation", "test"))))
+    answerer = Molmo2Answerer(cfg, model, Molmo2Tokenizer(MOLMO2_TINY_TOKENIZER))
+    for row, ex in zip(rows, examples):
+        prompt = user_prompt(ex["message_list"][0], np.random.default_rng(ex["metadata"]["seed"]),
+                             ex["metadata"]["image_size"], FormatSettings())
+        answer = answerer.ask(prompt, [ex["image"]], max_new_tokens=tasks.MAX_NEW_TOKENS[task])
+        assert row["prediction"] == answer.text
+        assert row["scores"] == json.loads(json.dumps(tasks.score(task, answer.text, ex["metadata"])))
+
+
+def test_molmo2_answers_are_scored_in_their_own_format():
+    """Molmo2's <points coords> answers score as the same points written in Molmo's percent tags."""
+    from molmo_jax.metrics import tasks
+
+    truth = dict(points=[[40.0, 30.0], [320.0, 240.0]], image_width=640, image_height=480, count=2)
+    molmo2 = '<points coords="1 1 063 063 2 500 500" alt="boats">boats</points>'
+    molmo = '<points x1="6.3" y1="6.3" x2="50.0" y2="50.0" alt="boats">boats</points>'
+    assert tasks.score("pointing", molmo2, truth) == tasks.score("pointing", molmo, truth)
+    assert tasks.score("pointing", molmo2, truth)["f1"] == 1.0
+    assert tasks.score("pointing", f"I see {molmo2}", truth)["valid_format"] is False  # not one element alone
+    assert tasks.score("counting", molmo2, truth)["pred_count"] == 2  # points only: distinct objects
+    assert tasks.score("counting", f"Counting the {molmo2} shows a total of 3.", truth)["pred_count"] == 3
+    assert tasks.score("counting", '<points coords="1 1 063 063 2 500 500;2 1 070 070">b</points>',
+                       truth)["pred_count"] == 2  # an object pointed at twice counts once
+
+
+def test_training_batches_carry_the_pictures(tmp_path):
+    """The trainer's global batch keeps Molmo2's image arrays, so the loss it trains on sees the pictures."""
+    import input_pipeline
+    from molmo_jax import losses
+    from molmo_jax import trainer as trainer_lib
+    from molmo_jax.recipe import load_recipe
+
+    import os
+
+    config = load_recipe(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "molmo2_tiny_sft.py"))
+    config.update(batch_size=2, seq_len=320)
+    config.data.update(synthetic_split_sizes="train=8,validation=4,test=4", data_dir=str(tmp_path / "data"))
+    batch = next(input_pipeline.make_train_iterator(config, 0, 1))
+    trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
+    gbatch = trainer._global_batch(batch)
+    assert {"pixel_values", "image_token_pooling", "mm_token_type_ids"} <= set(gbatch)
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(trainer.model())
+    grads = jax.grad(lambda st: losses.training_loss(nnx.merge(graphdef, st), gbatch)[0])(state)
+    # Without the pictures the vision tower would get exactly zero gradient.
+    for part in ("vision", "connector"):
+        assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part])) > 0, part

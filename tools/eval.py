@@ -242,7 +242,7 @@ def run_checkpoint(args) -> int:
     import os
 
     from molmo_jax import evaluate
-    from molmo_jax.preprocess import MolmoTokenizer
+    from molmo_jax.preprocess import Molmo2Tokenizer, MolmoTokenizer, TokenizerError
 
     examples = _examples(args)  # dataset errors first: they are cheaper to find than loading a model
     cfg, model, mesh = _load(args)
@@ -258,10 +258,19 @@ def run_checkpoint(args) -> int:
         tok_dir = bundled_tokenizer(cfg.get("name"))
     if tok_dir is None:
         raise InputError("no tokenizer: the checkpoint has no tokenizer/ folder; pass --tokenizer DIR")
-    tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)
+    try:
+        if cfg.get("family") == "molmo2":
+            tokenizer = Molmo2Tokenizer(str(tok_dir))
+        else:
+            tokenizer = MolmoTokenizer(tok_dir, cfg.llm.vocab_size)
+    except TokenizerError as e:
+        raise InputError(f"--tokenizer {tok_dir}: {e}") from None
     settings = evaluate.EvalSettings(batch_size=args.batch_size, max_crops=36 if args.high_res else None,
                                      distance_fraction=args.distance_fraction, mesh=mesh)
-    rows, results = evaluate.run(model, tokenizer, examples, settings)
+    try:
+        rows, results = evaluate.run(model, tokenizer, examples, settings)
+    except TokenizerError as e:  # a Molmo2 tokenizer whose special tokens are not the model's
+        raise InputError(f"--tokenizer {tok_dir}: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
         for row in rows:
@@ -269,11 +278,12 @@ def run_checkpoint(args) -> int:
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     drawn = 0
-    from molmo_jax.points import draw_points, parse_points
+    from molmo_jax.molmo2_points import answer_points
+    from molmo_jax.points import draw_points
     for row, ex in zip(rows, examples):
         if row["task"] != "pointing" or drawn >= 8:
             continue
-        parsed = parse_points(row["prediction"], row["image_width"], row["image_height"])
+        parsed = answer_points(row["prediction"], row["image_width"], row["image_height"])
         draw_points(ex["image"], parsed.points, os.path.join(args.out, f"points_{drawn}.png"),
                     true_points=row["points"])
         drawn += 1

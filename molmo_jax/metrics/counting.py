@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from molmo_jax.molmo2_points import pointed_count
 from molmo_jax.points import parse_count
 
 
 def count_scores(prediction: str, gt_count: int, *, original_quirks: bool = False) -> dict:
     """{"pred_count", "valid", "correct", "close"} for one answer."""
     pred = parse_count(prediction, none_as_zero=not original_quirks, count_points=not original_quirks)
+    if pred is None and not original_quirks:  # a Molmo2 answer that only points: its distinct objects
+        pred = pointed_count(prediction)
     gt = int(gt_count)
     valid = pred is not None
     return dict(pred_count=pred, valid=valid, correct=valid and pred == gt,

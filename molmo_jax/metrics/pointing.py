@@ -1,7 +1,8 @@
 """Pointing precision / recall / F1 (docs/architecture.md#metrics).
 
 Per example:
-1. Parse the predicted points into pixels (molmo_jax.points.parse_points).
+1. Parse the predicted points into pixels (Molmo's forms, or Molmo2's `<points coords>` elements:
+   molmo_jax.molmo2_points.answer_points).
 2. No ground-truth points: P = R = F1 = 1 when nothing is predicted, else 0.
 3. The whole answer is not an accepted point format (or no usable point was recovered): 0.
 4. Otherwise match predictions to ground-truth objects with a minimum-cost assignment (Hungarian)
@@ -32,7 +33,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from molmo_jax.points import parse_points, pixels_to_percent
+from molmo_jax.molmo2_points import answer_points
+from molmo_jax.points import pixels_to_percent
 
 DEFAULT_DISTANCE_FRACTION = 0.05
 
@@ -116,7 +118,7 @@ def pointing_scores(prediction: str, gt_points: np.ndarray | Sequence, width: in
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     gt = np.asarray(gt_points, dtype=np.float64).reshape(-1, 2) if len(gt_points) else np.zeros((0, 2))
-    parsed = parse_points(prediction, width, height)
+    parsed = answer_points(prediction, width, height)
     pred = parsed.points
     result = dict(hits=0, n_pred=parsed.num_points, n_gt=int(gt.shape[0]), valid_format=parsed.valid_format)
 

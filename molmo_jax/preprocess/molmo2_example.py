@@ -57,9 +57,25 @@ def turns_of(conv: dict, rng, image_size, settings) -> list[tuple[str, str]]:
         raise formatting.FormatError(f"training conversation with style {style!r} needs user/assistant turns "
                                      f"in pairs; got {len(turns)} turn(s)")
     pairs = [(turns[k], turns[k + 1]) for k in range(0, len(turns), 2)]
-    if style and style not in molmo2_chat.DEMO_STYLES and style not in formatting.NO_PREFIX_STYLES:
-        pairs[0] = (f"{style}: {pairs[0][0]}" if pairs[0][0] else f"{style}:", pairs[0][1])
+    pairs[0] = (_styled(style, pairs[0][0]), pairs[0][1])
     return pairs
+
+
+def user_prompt(conv: dict, rng, image_size, settings) -> str:
+    """The first user text of a conversation as training writes it (style prefix included): what an
+    evaluation asks the model."""
+    if not isinstance(conv, dict):
+        raise formatting.FormatError(f"a conversation must be a dict, got {type(conv).__name__}")
+    turns = formatting.conversation_turns(conv, rng, settings, image_size)
+    if not turns:
+        raise formatting.FormatError(f"conversation with style {conv.get('style')!r} has no user turn")
+    return _styled(str(conv.get("style", "")), turns[0])
+
+
+def _styled(style: str, text: str) -> str:
+    if style and style not in molmo2_chat.DEMO_STYLES and style not in formatting.NO_PREFIX_STYLES:
+        return f"{style}: {text}" if text else f"{style}:"
+    return text
 
 
 class Molmo2Examples:
