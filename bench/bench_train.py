@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.bench_train [--runs 8] [--remat full|none|dots] [--scan-unroll N]
                                           [--dtype float32|bfloat16] [--lora-rank R]
                                           [--lora-base keep|bfloat16|int8|int4] [--loss-chunk-tokens N]
+                                          [--vit-crop-chunk N]
 
 Forward + backward + AdamW (lr 1e-4) on a batch of 4 x 768 tokens with 5 crops per example, float32
 (unless `--dtype`), through the real trainer step (one device). Reports the median step time, the peak resident memory
@@ -36,7 +37,7 @@ ORIGINAL_STEP_S, ORIGINAL_PEAK_GB, ORIGINAL_STEP_TFLOP = 14.25, 5.96, 1.36  # sh
 
 
 def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = "float32", lora_rank: int = 0,
-               lora_base: str = "keep", loss_chunk_tokens: int = 0):
+               lora_base: str = "keep", loss_chunk_tokens: int = 0, vit_crop_chunk: int = 0):
     """The bench-s config and a function running one real trainer step on one device (blocks until done)."""
     c = base.base(config_lib.bench_s(), "sft")
     c.update(dict(batch_size=BATCH, seq_len=SEQ_LEN, total_steps=10_000, max_loss_tokens=max_loss_tokens,
@@ -47,6 +48,7 @@ def build_step(remat: str, scan_unroll: int, max_loss_tokens: int, dtype: str = 
     c.lora.rank = lora_rank
     c.lora.base_weights = lora_base
     c.loss_chunk_tokens = loss_chunk_tokens
+    c.model.vit.crop_chunk = vit_crop_chunk
     for group in ("connector", "vit", "llm"):
         c.optimizer.groups[group].update(lr=1e-4, warmup=1)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1), devices=jax.devices()[:1])
@@ -81,13 +83,14 @@ def main():
     parser.add_argument("--lora-base", default="keep", choices=("keep", "bfloat16", "int8", "int4"),
                         help="how the frozen base of --lora-rank is stored")
     parser.add_argument("--loss-chunk-tokens", type=int, default=0, help="head on this many positions at a time")
+    parser.add_argument("--vit-crop-chunk", type=int, default=0, help="crops the vision tower encodes at a time (0: all)")
     args = parser.parse_args()
 
     jax_rate = common.matmul_gflops("jax")
     torch_rate = common.matmul_gflops("torch")
     bf16_rate = common.matmul_gflops("jax", "bfloat16") if args.dtype == "bfloat16" else None
     c, step = build_step(args.remat, args.scan_unroll, args.max_loss_tokens, args.dtype, args.lora_rank,
-                         args.lora_base, args.loss_chunk_tokens)
+                         args.lora_base, args.loss_chunk_tokens, args.vit_crop_chunk)
     for _ in range(2):  # warm-up: compile and the first steps
         step()
     peak_gb = common.peak_rss_gb()
@@ -100,6 +103,7 @@ def main():
     common.report("train_step", dict(
         remat=args.remat, dtype=args.dtype, scan_unroll=args.scan_unroll, max_loss_tokens=args.max_loss_tokens,
         lora_rank=args.lora_rank, lora_base=args.lora_base, loss_chunk_tokens=args.loss_chunk_tokens,
+        vit_crop_chunk=args.vit_crop_chunk,
         seconds=s,
         examples_per_s=BATCH / s["median"], speedup_vs_original=ORIGINAL_STEP_S / s["median"],
         peak_rss_gb=max(peak_gb, step_peak_gb or 0), peak_vs_original=max(peak_gb, step_peak_gb or 0) / ORIGINAL_PEAK_GB,

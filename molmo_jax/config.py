@@ -46,6 +46,7 @@ def vit_config(**overrides) -> ml_collections.ConfigDict:
         width=1024, n_layers=23, n_heads=16, head_dim=64, mlp_dim=4096,
         norm_eps=1e-5, activation="quick_gelu",
         vit_layers=(-2, -9),
+        crop_chunk=0,  # crops encoded at a time (0: all at once); a frozen tower then holds one chunk's scores
     ))
     c.update(overrides)
     return c

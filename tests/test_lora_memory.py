@@ -72,3 +72,21 @@ print(before - after)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.split()[-1]) > 200e6  # 290 MB measured
+
+
+def test_vision_tower_in_chunks_of_crops_gives_the_same_features_and_holds_fewer_scores():
+    cfg, in_chunks = config_lib.tiny(), config_lib.tiny()
+    for c in (cfg, in_chunks):  # the released crop size: 576 patches + CLS, so the scores dominate
+        c.vit.image_size = (336, 336)
+    in_chunks.vit.crop_chunk = 3  # 8 crops: two full chunks and a padded third
+    whole, chunked = create_model(cfg, seed=0).vision, create_model(in_chunks, seed=0).vision
+    patches = jnp.asarray(np.random.default_rng(1).standard_normal((8, 576, 588)), jnp.float32)
+    # Each crop goes through the same ops alone or in a chunk.
+    np.testing.assert_allclose(chunked(patches), whole(patches), rtol=1e-5, atol=1e-6)
+    g_whole, g_chunked = (jax.grad(lambda p, t=tower: jnp.sum(jnp.sin(t(p))))(patches) for tower in (whole, chunked))
+    np.testing.assert_allclose(g_chunked, g_whole, rtol=1e-4, atol=1e-6)
+
+    def temporaries(tower):  # a frozen tower's forward, as under LoRA: nothing kept for a backward pass
+        return jax.jit(lambda p: tower(p)).lower(patches).compile().memory_analysis().temp_size_in_bytes
+    scores = 8 * cfg.vit.n_heads * 577 * 577 * 4  # f32 [crops, heads, 1+P, 1+P]
+    assert temporaries(whole) - temporaries(chunked) > scores / 2, (temporaries(whole), temporaries(chunked))

@@ -10,6 +10,7 @@ Molmo2's SigLIP2 tower is the same stack with other switches in `cfg.vit` (absen
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -80,6 +81,12 @@ class VisionTransformer(nnx.Module):
         a class token).
         Blocks after the last selected one are not run.
         """
+        chunk = int(self.cfg.vit.get("crop_chunk", 0) or 0)  # configs saved before the key lack it
+        if not return_all_layers and 0 < chunk < patches.shape[0]:
+            return self._in_chunks(patches, chunk)
+        return self._features(patches, return_all_layers)
+
+    def _features(self, patches, return_all_layers: bool = False):
         cfg = self.cfg
         layers = config_lib.resolved_vit_layers(cfg)
         x = self.embed(patches)
@@ -101,3 +108,17 @@ class VisionTransformer(nnx.Module):
             outputs[stop - 1], start = x, stop
         feats = jnp.concatenate([outputs[i] for i in layers], axis=-1)
         return feats[:, int(self.class_token):]
+
+    def _in_chunks(self, patches, chunk: int):
+        """The same features, `chunk` crops at a time in a loop: the attention scores of one chunk are
+        live at once instead of every crop's (what bounds a frozen tower's memory, e.g. under LoRA,
+        where nothing of the loop is kept for the backward pass). The last chunk is zero-padded."""
+        n = patches.shape[0]
+        steps = -(-n // chunk)
+        padded = jnp.pad(patches, ((0, steps * chunk - n),) + ((0, 0),) * (patches.ndim - 1))
+        graphdef, state = nnx.split(self)
+
+        def one(x):
+            return nnx.merge(graphdef, state)._features(x)
+        feats = jax.lax.map(one, padded.reshape(steps, chunk, *patches.shape[1:]))
+        return feats.reshape(steps * chunk, *feats.shape[2:])[:n]
