@@ -120,6 +120,7 @@ def make_loader(config, process_index: int = 0, process_count: int = 1, split: s
         global_batch=int(config.batch_size), seq_len=int(config.seq_len), seed=int(config.data.seed),
         tokenizer=tokenizer, stage=str(config.stage), split=split, process_index=process_index,
         process_count=process_count, max_crops=_data_option(config, "max_crops"),
+        max_images=int(_data_option(config, "max_images", 1)), max_frames=int(_data_option(config, "max_frames", 0)),
         seq_buckets=tuple(int(b) for b in buckets) if buckets else None)
     sources = [(datasets.spec(name), folders[name]) for name in names]
     maker = loader.BatchMaker(sources, [rates[n] for n in names], [lengths[n] for n in names], config.model, settings)

@@ -230,11 +230,20 @@ def pixmo_clocks(record, rng, notes) -> dict:
 
 
 def vqa(record, rng, notes) -> dict:
+    """Questions about one image, several images (`media` "images") or a video's frames (`media` "video",
+    with `fps`): the further images' bytes are the record's `more_images`."""
     del rng
     image, ann, meta = hub_fields(record)
     qas = [dict(qa) for qa in ann.get("qas") or []]
     weights = [qa.pop("weight", None) for qa in qas]
     example = _examples_of(image, qas, meta, "question")
+    media = ann.get("media")
+    if media in ("images", "video"):
+        example.pop("image")
+        example[{"images": "image", "video": "video"}[media]] = [image] + [bytes(b) for b in
+                                                                        record.get("more_images", [])]
+        if media == "video" and ann.get("fps"):
+            example["fps"] = float(ann["fps"])
     if len(qas) == 1 and weights[0] is not None:
         example["weight"] = float(weights[0])
     elif any(w is not None for w in weights):

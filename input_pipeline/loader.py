@@ -46,6 +46,8 @@ class LoaderSettings:
     process_index: int = 0
     process_count: int = 1
     max_crops: int | None = None                    # default: the model's
+    max_images: int = 1                             # Molmo2: images per record (several-image records)
+    max_frames: int = 0                             # Molmo2: video frames per record (0: no video records)
     seq_buckets: tuple[int, ...] | None = None      # default (seq_len,): one fixed shape
     always_subsegments: bool = True                 # add all-ones subsegment_ids to unpacked batches
     max_fallbacks: int = 8
@@ -90,7 +92,12 @@ def example_makers(cfg, s: LoaderSettings):
         if s.stage != "sft" or s.seq_buckets:
             raise ValueError("a Molmo2 trains on stage 'sft' formatting with one sequence length (no seq_buckets)")
         processor = processor_for(cfg, s.tokenizer, max_crops=s.max_crops)
-        return Molmo2Examples(processor, s.seq_len), Molmo2Collator(processor.image, s.seq_len, s.local_batch)
+        media = dict(max_images=s.max_images, max_frames=s.max_frames)
+        return (Molmo2Examples(processor, s.seq_len, **media),
+                Molmo2Collator(processor.image, s.seq_len, s.local_batch, video_settings=processor.video, **media))
+    if s.max_images != 1 or s.max_frames:
+        raise ValueError("data.max_images / data.max_frames: a Molmo trains on one image per record; several "
+                         "images and videos are Molmo2's")
     tokenizer = MolmoTokenizer(s.tokenizer, cfg.llm.vocab_size)
     return (Preprocessor(cfg, tokenizer, s.format_settings(), max_crops=s.max_crops),
             Collator.from_config(cfg, s.seq_len, seq_buckets=s.seq_buckets or (s.seq_len,), max_crops=s.max_crops,

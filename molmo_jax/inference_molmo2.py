@@ -63,15 +63,22 @@ class Molmo2Answer:
                             for (x, y), f, i in zip(p.points, p.frames, p.ids)])
 
 
+def media_settings(cfg, max_crops: int | None = None) -> tuple[Molmo2ImageSettings, Molmo2VideoSettings]:
+    """The image and video processor settings a model config implies; `max_crops` overrides the config's."""
+    v, c, im = cfg.vit, cfg.connector, cfg.image
+    view = dict(crop_size=int(v.image_size[0]), patch=int(v.patch_size), mean=tuple(im.mean), std=tuple(im.std))
+    image = Molmo2ImageSettings(max_crops=int(im.max_crops if max_crops is None else max_crops),
+                                overlap_margins=tuple(im.overlap_margins), pooling=(int(c.pool_h), int(c.pool_w)), **view)
+    video = Molmo2VideoSettings(pooling=(int(c.video_pool_h), int(c.video_pool_w)),
+                                num_frames=int(im.video_max_frames), max_fps=float(im.video_max_fps), **view)
+    return image, video
+
+
 def processor_for(cfg, tokenizer, max_crops: int | None = None) -> Molmo2Processor:
     """The Molmo2Processor a model config implies (see the module docstring); `tokenizer`: a Molmo2Tokenizer
     or its folder; `max_crops` overrides the config's."""
-    v, c, im = cfg.vit, cfg.connector, cfg.image
-    view = dict(crop_size=int(v.image_size[0]), patch=int(v.patch_size), mean=tuple(im.mean), std=tuple(im.std))
-    image = Molmo2ImageSettings(max_crops=int(im.max_crops if max_crops is None else max_crops), overlap_margins=tuple(im.overlap_margins),
-                                pooling=(int(c.pool_h), int(c.pool_w)), **view)
-    video = Molmo2VideoSettings(pooling=(int(c.video_pool_h), int(c.video_pool_w)),
-                                num_frames=int(im.video_max_frames), max_fps=float(im.video_max_fps), **view)
+    image, video = media_settings(cfg, max_crops)
+    im = cfg.image
     proc = Molmo2Processor(tokenizer, image, video, image_use_col_tokens=bool(im.use_col_tokens),
                            video_use_col_tokens=bool(im.video_use_col_tokens))
     wrong = [f"{name} is {proc.tokenizer.ids[name]} (the model's {key}: {cfg.tokens[key]})"

@@ -204,17 +204,14 @@ def run_single(args):
             print(f"wrote {args.out_image} ({len(answer.points_px)} points drawn)")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
 def video_frames(folder) -> list[str]:
     """The frame files of a --video folder, in name order."""
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: --video {folder}: not a folder of frames")
-    frames = sorted(str(p) for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not frames:
-        raise SystemExit(f"error: --video {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
-    return frames
+    from molmo_jax.preprocess.image_io import frame_files
+
+    try:
+        return frame_files(folder)
+    except ValueError as e:
+        raise SystemExit(f"error: --video {e}") from None
 
 
 def run_molmo2(args):
@@ -224,7 +221,7 @@ def run_molmo2(args):
     from molmo_jax.inference_molmo2 import Molmo2Answerer
     from molmo_jax.molmo2_points import draw_molmo2_points
     from molmo_jax.preprocess import ImageError, TokenizerError
-    from molmo_jax.preprocess.image_io import load_image
+    from molmo_jax.preprocess.image_io import frame_files, load_image
 
     check_molmo2_options(args)
     frames = video_frames(args.video) if args.video else None
@@ -304,7 +301,7 @@ def molmo2_batch(args):
     from molmo_jax.inference import Failed
     from molmo_jax.inference_molmo2 import Molmo2Answerer
     from molmo_jax.preprocess import TokenizerError
-    from molmo_jax.preprocess.image_io import load_image
+    from molmo_jax.preprocess.image_io import frame_files, load_image
 
     check_molmo2_options(args)
     try:
@@ -319,13 +316,13 @@ def molmo2_batch(args):
             if not isinstance(r, Failed):
                 try:
                     if "video" in r:
-                        frames = [load_image(f) for f in video_frames(r["video"])]
+                        frames = [load_image(f) for f in frame_files(r["video"])]
                         answer = answerer.ask(r["prompt"], video=frames, fps=r.get("fps"), **sampling)
                     else:
                         images = [r["image"]] if isinstance(r["image"], str) else r["image"]
                         answer = answerer.ask(r["prompt"], images=[load_image(i) for i in images], **sampling)
-                except (ValueError, SystemExit) as e:  # ImageError, too long, an empty frames folder
-                    r = Failed(str(e).removeprefix("error: "), r["prompt"], r["line"])
+                except ValueError as e:  # ImageError, too long, an empty frames folder
+                    r = Failed(str(e), r["prompt"], r["line"])
                 else:
                     r = answer
             answers.append(r)

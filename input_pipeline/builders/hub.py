@@ -16,6 +16,8 @@ Record schema of every builder here (one record per example; TFDS ArrayRecord):
   SHA-256 can be checked again; decoded by the loader, in its worker processes;
 - `image_url`: str ('' for embedded images); `image_sha256`: hex SHA-256 of `image`;
 - `width`, `height`: int32, the size the image file declares (before any EXIF rotation);
+- `more_images` (builders with MORE_IMAGES, the VQA one): the bytes of a record's further images or
+  video frames after `image`, in order (empty for a one-image record);
 - `annotations`: canonical JSON object of the dataset's columns under their Hub names. For datasets
   grouped per image each column is a list with one entry per Hub row (in dataset order); points are
   lists of [x, y] pairs (NaN written as null).
@@ -65,6 +67,7 @@ class HubBuilder(RecordBuilder, skip_registration=True):
     SHA_CHECK = False              # compare the image bytes with the row's `image_sha256`
     N_VAL = 0                      # images held out for validation when the Hub has only `train`
     HUB_SPLITS: tuple[str, ...] = ("train",)
+    MORE_IMAGES = False            # records may hold several images (or a video's frames): `image_bytes` a list
     SPLIT_SIZES_HELP = ("validation=N: images held out for validation (datasets with only a Hub train split); "
                         "train=N (or any split): keep at most N examples of it, for small trial builds")
 
@@ -82,6 +85,8 @@ class HubBuilder(RecordBuilder, skip_registration=True):
             "width": np.int32,
             "height": np.int32,
             "annotations": tfds.features.Text(),
+            **({"more_images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))}
+               if self.MORE_IMAGES else {}),
         })
         return self._make_info(features, description=self.__doc__, **self._metadata())
 
@@ -228,7 +233,8 @@ class HubBuilder(RecordBuilder, skip_registration=True):
             expected = kept[-1].get("image_sha256") if self.SHA_CHECK else None
             yield key, url, data, expected, self.annotations(kept)
 
-    def image_bytes(self, url: str, rows: list[dict]) -> bytes:
+    def image_bytes(self, url: str, rows: list[dict]) -> bytes | list[bytes]:
+        """The record's image file bytes (with MORE_IMAGES: a list, the first stored as `image`)."""
         del rows
         return ImageFolder(self.images).read(url)
 
@@ -239,12 +245,16 @@ class HubBuilder(RecordBuilder, skip_registration=True):
         for key, url, data, expected_sha, annotations in self._source_records(split, skips):
             if limit is not None and written >= limit:
                 break
+            data, *more = data if isinstance(data, list) else [data]
             try:
                 width, height = inspect_image(data, expected_sha)
+                for extra in more:
+                    inspect_image(extra)
             except SkipRecord as reason:
                 skips.skip(str(reason))
                 continue
             written += 1
             yield key, {"image": data, "image_url": url or "", "image_sha256": hashlib.sha256(data).hexdigest(),
-                        "width": width, "height": height, "annotations": canonical_json(annotations)}
+                        "width": width, "height": height, "annotations": canonical_json(annotations),
+                        **({"more_images": more} if self.MORE_IMAGES else {})}
         self._record_skips(skips)

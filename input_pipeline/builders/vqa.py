@@ -12,6 +12,10 @@ name's prefix (`train`, `validation` or `val`, `test`). One row = one question:
   most frequent), or `options` (list of str) with `answer` = the correct option's text or 0-based index;
 - optional: `image_id` (rows sharing it are one image; default: the image reference), `style`
   (overrides --style for the row), `weight` (loss weight, e.g. ChartQA's human/augmented weighting).
+Instead of one image, a row may hold `images` (a list of image references: several images, for a
+Molmo2) or `video` (a folder of frame files, read in name order, or a list of frame references) with
+`fps`, the rate the frames were taken at (optional). Their bytes after the first are stored in
+`more_images`, and `annotations` says `"media": "images" | "video"` (and `"fps"`).
 
 All questions of an image become one record (packed into one training example) unless --no-pack.
 The dataset is stored as TFDS config `--name` of builder `vqa` (so several sets live side by side), with
@@ -28,6 +32,7 @@ import re
 import tensorflow_datasets as tfds
 
 from molmo_jax import jsonl
+from molmo_jax.preprocess.image_io import frame_files
 
 from input_pipeline.builders import hub
 from input_pipeline.builders.base import BuildArgumentError
@@ -51,7 +56,10 @@ def _read_jsonl(path: pathlib.Path):
 
 class Vqa(hub.HubBuilder):
     """A VQA-style dataset (question(s) and answer(s) about images) from JSONL or parquet files."""
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "One image per record.",
+                     "1.1.0": "Records of several images or a video's frames (`more_images`)."}
+    MORE_IMAGES = True
     HUB_SPLITS = ("train", "validation", "test")
     SPLIT_SIZES_HELP = "keep at most N examples of a split (e.g. train=1000), for small trial builds"
 
@@ -140,20 +148,49 @@ class Vqa(hub.HubBuilder):
             raise SkipRecord("answer missing or empty")
         if row.get("weight") is not None:
             qa["weight"] = float(row["weight"])
+        fps = row.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+            raise SkipRecord("fps is not a positive number")
         row["_qa"] = qa
         return row
 
-    def image_bytes(self, url, rows):
-        row = rows[0]
-        value = row.get("image", row.get("image_path"))
+    def _find(self, row, value, what: str = "image file") -> pathlib.Path:
+        for folder in ([self.images] if self.images else []) + [row["_folder"]]:
+            path = pathlib.Path(folder) / value
+            if path.exists():
+                return path
+        raise SkipRecord(f"{what} not found")
+
+    def _reference_bytes(self, row, value) -> bytes:
         if isinstance(value, (bytes, bytearray, dict)):
             return hub.embedded_image_bytes(value)
         if isinstance(value, str) and value:
-            for folder in ([self.images] if self.images else []) + [row["_folder"]]:
-                path = pathlib.Path(folder) / value
-                if path.is_file():
-                    return path.read_bytes()
-            raise SkipRecord("image file not found")
+            path = self._find(row, value)
+            if not path.is_file():
+                raise SkipRecord("image file not found")
+            return path.read_bytes()
+        raise SkipRecord("empty image reference")
+
+    def image_bytes(self, url, rows):
+        row = rows[0]
+        if row.get("images") is not None:
+            refs = row["images"]
+            if not isinstance(refs, (list, tuple)) or not refs:
+                raise SkipRecord("images is not a non-empty list")
+            return [self._reference_bytes(row, ref) for ref in refs]
+        if row.get("video") is not None:
+            refs = row["video"]
+            if isinstance(refs, str) and refs:
+                try:
+                    refs = frame_files(self._find(row, refs, "video frames folder"))
+                except ValueError:
+                    raise SkipRecord("video frames folder without image files") from None
+            if not isinstance(refs, (list, tuple)) or not refs:
+                raise SkipRecord("video is neither a frames folder nor a non-empty list of frames")
+            return [self._reference_bytes(row, ref) for ref in refs]
+        value = row.get("image", row.get("image_path"))
+        if isinstance(value, (bytes, bytearray, dict)) or (isinstance(value, str) and value):
+            return self._reference_bytes(row, value)
         if url:
             if not self.images:
                 raise SkipRecord("image_url given but no --images folder")
@@ -161,17 +198,29 @@ class Vqa(hub.HubBuilder):
         raise SkipRecord("row without an image")
 
     def annotations(self, rows):
-        return {"qas": [row["_qa"] for row in rows]}
+        out = {"qas": [row["_qa"] for row in rows]}
+        row = rows[0]
+        if row.get("images") is not None:
+            out["media"] = "images"
+        elif row.get("video") is not None:
+            out["media"] = "video"
+            if row.get("fps") is not None:
+                out["fps"] = float(row["fps"])
+        return out
 
 
 def _columns(path):
     names = set(hub.pq_schema_names(path))
     wanted = ("image", "image_path", "image_url", "image_id", "question", "answer", "answers", "options",
-              "style", "weight")
+              "style", "weight", "images", "video", "fps")
     return tuple(c for c in wanted if c in names)
 
 
 def _image_reference(row) -> str:
+    for key in ("images", "video"):
+        if row.get(key) is not None:
+            refs = row[key] if isinstance(row[key], (list, tuple)) else [row[key]]
+            return f"{key}:" + "|".join(r if isinstance(r, str) else _image_reference({"image": r}) for r in refs)
     for key in ("image_url", "image_path"):
         if row.get(key):
             return str(row[key])

@@ -46,12 +46,15 @@ def abstract_batch(config, mesh) -> dict:
     ph, pw = config_lib.patches_per_side(cfg)
     pixels = cfg.vit.patch_size ** 2 * 3
     if cfg.get("family", "molmo") == "molmo2":  # the layout of preprocess.molmo2_example
-        from molmo_jax.preprocess.molmo2_example import pooled_rows_bound
+        from molmo_jax.inference_molmo2 import media_settings
+        from molmo_jax.preprocess.molmo2_example import batch_layout
 
-        rows = pooled_rows_bound(ph, (cfg.connector.pool_h, cfg.connector.pool_w), c - 1)
+        data = config.get("data") or {}
+        lay = batch_layout(*media_settings(cfg, c - 1), int(data.get("max_images", 1)), int(data.get("max_frames", 0)))
         text = {k: ((b, t), jnp.int32) for k in ("input_ids", "target_tokens", "position_ids", "mm_token_type_ids")}
-        shapes = dict(text, loss_masks=((b, t), jnp.float32), pixel_values=((b * c, ph * pw, pixels), jnp.float32),
-                      image_token_pooling=((b * rows, cfg.connector.pool_h * cfg.connector.pool_w), jnp.int32))
+        shapes = dict(text, loss_masks=((b, t), jnp.float32),
+                      pixel_values=((b * lay.crops, lay.patches, lay.pixels), jnp.float32),
+                      image_token_pooling=((b * lay.rows, lay.window), jnp.int32))
         return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s), s[0]))
                 for k, (s, d) in shapes.items()}
     shapes = dict(input_ids=((b, t), jnp.int32), target_tokens=((b, t), jnp.int32),

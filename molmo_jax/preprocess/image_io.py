@@ -125,3 +125,18 @@ def load_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageError(f"{what}: not a recognised image format (corrupt or not an image)") from None
     except OSError as e:
         raise ImageError(f"{what}: cannot be read ({e})") from None
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def frame_files(folder) -> list[str]:
+    """The image files of a video's frames folder, in name order; ValueError naming the folder otherwise."""
+    import pathlib
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder of frames")
+    frames = sorted(str(p) for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return frames

@@ -1,21 +1,24 @@
-"""Molmo2 training examples and batches: a record of the data contract (an image and its `message_list`)
--> Molmo2 token ids, targets and loss masks, pixels and pooling table; a list of them -> one fixed-shape
-batch (docs/architecture.md#molmo2-training-data).
+"""Molmo2 training examples and batches: a record of the data contract (an image, several images or a
+video's frames, and its `message_list`) -> Molmo2 token ids, targets and loss masks, pixels and pooling
+tables; a list of them -> one fixed-shape batch (docs/architecture.md#molmo2-training-data).
 
 Text follows the chat template the model is asked with at inference (`molmo2_chat.format_chat` with the
-generation prompt): the first user turn carries the image marker and the style prefix, every answer is
-trained on together with its closing `<|im_end|>` (the EOS), and later turns continue
-"\\n<|im_start|>user\\n...". Several conversations of one record become consecutive turns of one chat, in
-random order. Pointing targets are written in Molmo2's `<points coords=...>` format (thousandths of the
-image size); the rest of each turn is Molmo's conversation formatting (`formatting.conversation_turns`).
+generation prompt): the first user turn carries the image markers ("Image 1<|image|>..." for several) or
+the video's frame times and tokens, and the style prefix; every answer is trained on together with its
+closing `<|im_end|>` (the EOS), and later turns continue "\\n<|im_start|>user\\n...". Several conversations
+of one record become consecutive turns of one chat, in random order. Pointing targets are written in
+Molmo2's `<points coords=...>` format (thousandths of the image size, on the conversation's
+`image_index`); the rest of each turn is Molmo's conversation formatting (`formatting.conversation_turns`).
 
 Batch layout (the model's names): input_ids, target_tokens, position_ids, mm_token_type_ids int32 [B, T];
-loss_masks float32 [B, T]; pixel_values float32 [B * C, P, patch * patch * 3] with C = 1 + max_crops crops
-per row (padding crops are zeros); image_token_pooling int32 [B * M, K] with M the most pooled tokens one
-image can make (rows of -1 make no token), indices into the flat B * C * P patches.
+loss_masks float32 [B, T]; pixel_values float32 [B * C, P, patch * patch * 3] with C views per row (the
+crops of up to `max_images` images, or up to `max_frames` video frames; padding views are zeros);
+image_token_pooling int32 [B * M, K] with M the most pooled tokens a row can make (rows of -1 make no
+token), indices into the flat B * C * P patches (`batch_layout`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,14 +26,15 @@ import numpy as np
 from molmo_jax.preprocess import formatting, molmo2_chat
 from molmo_jax.preprocess.image_io import load_image
 from molmo_jax.preprocess.molmo2_image import process_image
+from molmo_jax.preprocess.molmo2_video import frame_pooling, process_video
 from molmo_jax.preprocess.sequence import SequenceError
 
 POINTING_STYLES = ("pointing", "point_count")
 
 
-def pointing_answer(conv: dict, image_size) -> str:
+def pointing_answer(conv: dict, image_size, image_number: int = 1) -> str:
     """A pointing / counting target in Molmo2's format, from the conversation's points (pixels, or percent
-    with point_scale 100)."""
+    with point_scale 100) on image `image_number` (1-based) of the record."""
     from molmo_jax.molmo2_points import molmo2_points_to_text
 
     label = str(conv.get("label", "")).lower()
@@ -41,18 +45,27 @@ def pointing_answer(conv: dict, image_size) -> str:
     if pts.shape[0] == 0:
         return formatting.NONE_FOUND
     n = pts.shape[0]
-    text = molmo2_points_to_text(np.ones(n), np.arange(1, n + 1), pts, w, h, alt=label, text=label)
+    text = molmo2_points_to_text(np.full(n, image_number), np.arange(1, n + 1), pts, w, h, alt=label, text=label)
     return f"Counting the {text} shows a total of {n}." if conv["style"] == "point_count" else text
 
 
-def turns_of(conv: dict, rng, image_size, settings) -> list[tuple[str, str]]:
-    """[(user text, assistant text), ...] of one conversation; the style rides on the first user text."""
+def turns_of(conv: dict, rng, sizes, settings, video: bool = False) -> list[tuple[str, str]]:
+    """[(user text, assistant text), ...] of one conversation; the style rides on the first user text.
+    `sizes`: (width, height) of each image of the record (or of the video's frames). A pointing
+    conversation points on its `image_index` (1-based, default 1); video records take no pointing targets."""
     if not isinstance(conv, dict):
         raise formatting.FormatError(f"a conversation must be a dict, got {type(conv).__name__}")
     style = str(conv.get("style", ""))
-    turns = formatting.conversation_turns(conv, rng, settings, image_size)
+    number = conv.get("image_index", 1)
+    if not isinstance(number, int) or not 1 <= number <= max(len(sizes), 1):
+        raise formatting.FormatError(f"image_index {number!r} outside the record's {len(sizes)} image(s)")
+    size = sizes[number - 1] if sizes else None
+    turns = formatting.conversation_turns(conv, rng, settings, size)
     if style in POINTING_STYLES and "points" in conv:
-        turns[-1] = pointing_answer(conv, image_size)
+        if video:
+            raise formatting.FormatError(f"style {style!r} with points on a video record: video pointing "
+                                         "targets (frame times) are not written by the training formatter")
+        turns[-1] = pointing_answer(conv, size, number)
     if len(turns) < 2 or len(turns) % 2:
         raise formatting.FormatError(f"training conversation with style {style!r} needs user/assistant turns "
                                      f"in pairs; got {len(turns)} turn(s)")
@@ -78,30 +91,73 @@ def _styled(style: str, text: str) -> str:
     return text
 
 
-class Molmo2Examples:
-    """Callable: (record, rng) -> one example's arrays (unbatched; see the module docstring)."""
+def _as_list(value, what: str) -> list:
+    if isinstance(value, np.ndarray) and value.ndim == 4:
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise formatting.FormatError(f"record's {what!r} is an empty list")
+        return list(value)
+    return [value]
 
-    def __init__(self, processor, seq_len: int):
+
+def concat_visuals(items) -> tuple[np.ndarray, np.ndarray]:
+    """Crops [sum C, P, F] of several images or video frames, and their pooling tables stacked with each
+    item's indices offset past the patches of the items before it."""
+    pooled, offset = [], 0
+    for item in items:
+        pooled.append(np.where(item.token_pooling >= 0, item.token_pooling + offset, -1).astype(np.int32))
+        offset += item.pixel_values.shape[0] * item.pixel_values.shape[1]
+    return np.concatenate([i.pixel_values for i in items]), np.concatenate(pooled)
+
+
+class Molmo2Examples:
+    """Callable: (record, rng) -> one example's arrays (unbatched; see the module docstring). A record holds
+    `image` (one, or a list: several images) or `video` (its frames, with optional `fps`: the rate they were
+    taken at); a video is sampled to at most `max_frames` frames (the processor's own limits apply too)."""
+
+    def __init__(self, processor, seq_len: int, max_images: int = 1, max_frames: int = 0):
         self.processor, self.seq_len = processor, int(seq_len)
+        self.max_images, self.max_frames = int(max_images), int(max_frames)
         self.format = formatting.FormatSettings()
         tok = processor.tokenizer
         self.eos_id = tok._tok.token_to_id(tok.eos_token)
+
+    def media(self, example: dict) -> tuple[list, list, list]:
+        """(per-image inputs, per-video inputs, (width, height) of each image or of the video's frames)."""
+        image, video = example.get("image"), example.get("video")
+        if image is not None and video is not None:
+            raise formatting.FormatError("a record holds images or a video, not both")
+        if video is not None:
+            if self.max_frames < 1:
+                raise formatting.FormatError("a video record, but data.max_frames is 0 (no frames per row)")
+            frames = [load_image(f) for f in _as_list(video, "video")]
+            fps = example.get("fps")
+            meta = dict(total_num_frames=len(frames), fps=float(fps)) if fps else None
+            item = process_video(frames, self.processor.video, meta,
+                                 num_frames=min(self.max_frames, self.processor.video.num_frames))
+            return [], [item], [(frames[0].shape[1], frames[0].shape[0])]
+        if image is None:
+            return [], [], []
+        pictures = [load_image(im) for im in _as_list(image, "image")]
+        if len(pictures) > self.max_images:
+            raise SequenceError(f"{len(pictures)} images in a record; data.max_images is {self.max_images}")
+        return ([process_image(p, self.processor.image, f"image {k + 1}") for k, p in enumerate(pictures)], [],
+                [(p.shape[1], p.shape[0]) for p in pictures])
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None, **_) -> dict:
         rng = rng if rng is not None else np.random.default_rng(0)
         convs = example.get("message_list")
         if not isinstance(convs, (list, tuple)) or not convs:
             raise formatting.FormatError(f"example needs a non-empty 'message_list' (keys: {sorted(example)})")
-        per_image, size = [], None
-        if example.get("image") is not None:
-            pixels = load_image(example["image"])
-            size = (pixels.shape[1], pixels.shape[0])
-            per_image = [process_image(pixels, self.processor.image)]
-        pairs = [p for k in rng.permutation(len(convs)) for p in turns_of(convs[int(k)], rng, size, self.format)]
+        per_image, per_video, sizes = self.media(example)
+        pairs = [p for k in rng.permutation(len(convs))
+                 for p in turns_of(convs[int(k)], rng, sizes, self.format, video=bool(per_video))]
         tok = self.processor.tokenizer
-        content = [{"type": "image"}] * len(per_image) + [{"type": "text", "text": pairs[0][0]}]
+        content = ([{"type": "image"}] * len(per_image) + [{"type": "video"}] * len(per_video)
+                   + [{"type": "text", "text": pairs[0][0]}])
         first = molmo2_chat.format_chat([{"role": "user", "content": content}], add_generation_prompt=True)
-        ids = self.processor.prompt_ids(first, iter(per_image), iter(()))
+        ids = self.processor.prompt_ids(first, iter(per_image), iter(per_video))
         n_prompt = len(ids)
         weights = [0.0] * len(ids)
         for k, (user, answer) in enumerate(pairs):
@@ -114,16 +170,22 @@ class Molmo2Examples:
             weights += [1.0] * len(target)
         if n_prompt + 1 > self.seq_len:
             raise SequenceError(f"the prompt with its image tokens is {n_prompt} tokens, longer than the sequence "
-                                f"length {self.seq_len}; use a longer sequence or fewer crops")
+                                f"length {self.seq_len}; use a longer sequence, fewer crops or fewer frames")
         ids = np.asarray(ids[:self.seq_len + 1], np.int32)
         weights = np.asarray(weights[:self.seq_len + 1], np.float32)
         types = np.isin(ids, self.processor.mm_token_ids).astype(np.int32)
         out = dict(input_ids=ids[:-1], target_tokens=ids[1:], loss_masks=weights[1:],
                    position_ids=np.arange(len(ids) - 1, dtype=np.int32), mm_token_type_ids=types[:-1])
         if per_image:
-            out["pixel_values"] = per_image[0].pixel_values
-            out["image_token_pooling"] = per_image[0].token_pooling
-        out["metadata"] = dict(example.get("metadata") or {}, image_size=size)
+            out["pixel_values"], out["image_token_pooling"] = concat_visuals(per_image)
+        if per_video:
+            out["pixel_values_videos"], out["video_token_pooling"] = concat_visuals(per_video)
+        meta = dict(example.get("metadata") or {}, image_size=sizes[0] if sizes else None)
+        if len(sizes) > 1:
+            meta["image_sizes"] = sizes
+        if per_video:
+            meta["frame_times"] = list(per_video[0].timestamps)
+        out["metadata"] = meta
         return out
 
 
@@ -134,42 +196,73 @@ def pooled_rows_bound(crop_patches: int, pooling, max_crops: int) -> int:
     return (1 + max_crops) * per_crop
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Per-row sizes of a Molmo2 training batch: `crops` views (the images' crops or the video's frames) of
+    `patches` patches of `pixels` values, and `rows` pooling rows of `window` slots."""
+    crops: int
+    patches: int
+    pixels: int
+    rows: int
+    window: int
+
+
+def batch_layout(image, video=None, max_images: int = 1, max_frames: int = 0) -> BatchLayout:
+    """The layout that holds any record of up to `max_images` images (Molmo2ImageSettings `image`) or one
+    video of up to `max_frames` frames (Molmo2VideoSettings `video`; frames are one view each)."""
+    crops = max_images * (1 + image.max_crops)
+    rows = max_images * pooled_rows_bound(image.crop_patches, image.pooling, image.max_crops)
+    window = image.pooling[0] * image.pooling[1]
+    if max_frames:
+        if video is None or (video.crop_size, video.patch) != (image.crop_size, image.patch):
+            raise ValueError("video frames must be cut like the images' crops (same crop size and patch)")
+        _, frame_rows, frame_cols = frame_pooling(video)
+        crops, rows = max(crops, max_frames), max(rows, max_frames * frame_rows * frame_cols)
+        window = max(window, video.pooling[0] * video.pooling[1])
+    return BatchLayout(crops, image.crop_patches ** 2, image.patch * image.patch * 3, rows, window)
+
+
 class Molmo2Collator:
-    """Examples -> one batch of fixed shapes: `batch_size` rows of `seq_len` tokens, C = 1 + max_crops crops
-    and M = `pooled_rows_bound` pooling rows per row (one image per example)."""
+    """Examples -> one batch of fixed shapes: `batch_size` rows of `seq_len` tokens, and per row the
+    `batch_layout`'s crops and pooling rows. A video's frames go into `pixel_values` and its pooling rows
+    into `image_token_pooling` (slots beyond a table's window are -1): the model encodes and pools frames
+    exactly as image crops, so one batch may mix image and video records."""
     packs = False   # one record per row
 
-    def __init__(self, image_settings, seq_len: int, batch_size: int):
+    def __init__(self, image_settings, seq_len: int, batch_size: int, *, video_settings=None, max_images: int = 1,
+                 max_frames: int = 0):
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
-        s = image_settings
-        self.crops, self.patches = 1 + s.max_crops, s.crop_patches ** 2
-        self.pixels = s.patch * s.patch * 3
-        self.rows = pooled_rows_bound(s.crop_patches, s.pooling, s.max_crops)
-        self.window = s.pooling[0] * s.pooling[1]
+        self.layout = batch_layout(image_settings, video_settings, max_images, max_frames)
+        self.crops, self.patches, self.rows = self.layout.crops, self.layout.patches, self.layout.rows
 
     @property
     def max_sequence_length(self) -> int:
         return self.seq_len
 
     def __call__(self, examples: list[dict]) -> dict:
-        b, t = self.batch_size, self.seq_len
+        b, t, lay = self.batch_size, self.seq_len, self.layout
         if not examples or len(examples) > b:
             raise ValueError(f"{len(examples)} examples for a batch of {b}")
         out = {k: np.full((b, t), -1, np.int32) for k in ("input_ids", "target_tokens", "position_ids")}
         out["loss_masks"] = np.zeros((b, t), np.float32)
         out["mm_token_type_ids"] = np.zeros((b, t), np.int32)
-        pixels = np.zeros((b * self.crops, self.patches, self.pixels), np.float32)
-        pooling = np.full((b * self.rows, self.window), -1, np.int32)
+        pixels = np.zeros((b * lay.crops, lay.patches, lay.pixels), np.float32)
+        pooling = np.full((b * lay.rows, lay.window), -1, np.int32)
         for i, ex in enumerate(examples):
             n = len(ex["input_ids"])
             for key in ("input_ids", "target_tokens", "position_ids", "loss_masks", "mm_token_type_ids"):
                 out[key][i, :n] = ex[key]
-            if ex.get("pixel_values") is not None:
-                crops, table = ex["pixel_values"], ex["image_token_pooling"]
-                if len(crops) > self.crops or len(table) > self.rows or table.shape[1] != self.window:
-                    raise SequenceError(f"example {i}: {len(crops)} crops and {table.shape} pooling rows exceed "
-                                        f"the batch's {self.crops} crops and [{self.rows}, {self.window}]")
-                pixels[i * self.crops:i * self.crops + len(crops)] = crops
-                offset = i * self.crops * self.patches
-                pooling[i * self.rows:i * self.rows + len(table)] = np.where(table >= 0, table + offset, -1)
+            video = ex.get("pixel_values_videos") is not None
+            crops = ex.get("pixel_values_videos" if video else "pixel_values")
+            if crops is None:
+                continue
+            table = ex["video_token_pooling" if video else "image_token_pooling"]
+            if len(crops) > lay.crops or len(table) > lay.rows or table.shape[1] > lay.window:
+                raise SequenceError(f"example {i}: {len(crops)} {'frames' if video else 'crops'} and {table.shape} "
+                                    f"pooling rows exceed the batch's {lay.crops} views and [{lay.rows}, {lay.window}]"
+                                    " (data.max_images / data.max_frames)")
+            pixels[i * lay.crops:i * lay.crops + len(crops)] = crops
+            offset = i * lay.crops * lay.patches
+            rows = pooling[i * lay.rows:i * lay.rows + len(table), :table.shape[1]]
+            rows[:] = np.where(table >= 0, table + offset, -1)
         return dict(out, pixel_values=pixels, image_token_pooling=pooling)

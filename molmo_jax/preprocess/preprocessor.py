@@ -54,6 +54,9 @@ class Preprocessor:
                  seed: int = 0) -> dict:
         if rng is None:
             rng = np.random.default_rng(seed)
+        if isinstance(example.get("image"), (list, tuple)) or example.get("video") is not None:
+            raise formatting.FormatError("a record of several images or a video: a Molmo takes one image "
+                                         "(a Molmo2 takes these)")
         images = []
         image_size = None
         if example.get("image") is not None:
