@@ -318,8 +318,10 @@ def check_infer(stage, proc):
 
 
 def check_build_vqa(stage, proc):
+    from input_pipeline.builders.vqa import Vqa
+
     lines = _stdout_lines(proc)
-    assert lines[0] == f"vqa: built dataset at {stage.out('runs/data')}/vqa/my_data/1.0.0"
+    assert lines[0] == f"vqa: built dataset at {stage.out('runs/data')}/vqa/my_data/{Vqa.VERSION}"
     assert lines[1:] == ["train: 4 examples written, 0 records skipped"]
 
 
