@@ -68,7 +68,9 @@ def test_several_images_record_is_the_inference_prompt(setup):
     assert trained.startswith('<points coords="2 1 500 500" alt="dots">dots</points>'), trained
 
 
-def test_video_record_is_the_inference_prompt(setup):
+def test_video_record_is_the_inference_prompt(setup, tmp_path):
+    from PIL import Image
+
     cfg, proc = setup
     _, frames = media()
     make = Molmo2Examples(proc, SEQ, max_frames=4)
@@ -77,6 +79,11 @@ def test_video_record_is_the_inference_prompt(setup):
                                        {"type": "text", "text": "vqa2: What happens?"}],
                                 video_metadata=[dict(total_num_frames=6, fps=1.0)], num_frames=4)
     check_prompt(ex, expected, "pixel_values_videos", "video_token_pooling")
+    for k, frame in enumerate(frames):  # a folder of frame files reads as the frames in name order
+        Image.fromarray(frame).save(tmp_path / f"{k:03d}.png")
+    from_folder = make({"video": str(tmp_path), "fps": 1.0, "message_list": [question("What happens?", "it moves")]})
+    np.testing.assert_array_equal(from_folder["input_ids"], ex["input_ids"])
+    np.testing.assert_array_equal(from_folder["pixel_values_videos"], ex["pixel_values_videos"])
     assert 1 <= len(ex["pixel_values_videos"]) <= 4 and len(ex["metadata"]["frame_times"]) == len(ex["pixel_values_videos"])
 
 

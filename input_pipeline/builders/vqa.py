@@ -154,10 +154,10 @@ class Vqa(hub.HubBuilder):
         row["_qa"] = qa
         return row
 
-    def _find(self, row, value, what: str = "image file") -> pathlib.Path:
+    def _find(self, row, value, what: str = "image file", is_folder: bool = False) -> pathlib.Path:
         for folder in ([self.images] if self.images else []) + [row["_folder"]]:
             path = pathlib.Path(folder) / value
-            if path.exists():
+            if path.is_dir() if is_folder else path.is_file():
                 return path
         raise SkipRecord(f"{what} not found")
 
@@ -165,10 +165,7 @@ class Vqa(hub.HubBuilder):
         if isinstance(value, (bytes, bytearray, dict)):
             return hub.embedded_image_bytes(value)
         if isinstance(value, str) and value:
-            path = self._find(row, value)
-            if not path.is_file():
-                raise SkipRecord("image file not found")
-            return path.read_bytes()
+            return self._find(row, value).read_bytes()
         raise SkipRecord("empty image reference")
 
     def image_bytes(self, url, rows):
@@ -182,7 +179,7 @@ class Vqa(hub.HubBuilder):
             refs = row["video"]
             if isinstance(refs, str) and refs:
                 try:
-                    refs = frame_files(self._find(row, refs, "video frames folder"))
+                    refs = frame_files(self._find(row, refs, "video frames folder", is_folder=True))
                 except ValueError:
                     raise SkipRecord("video frames folder without image files") from None
             if not isinstance(refs, (list, tuple)) or not refs:

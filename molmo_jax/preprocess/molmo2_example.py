@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 
 from molmo_jax.preprocess import formatting, molmo2_chat
-from molmo_jax.preprocess.image_io import load_image
-from molmo_jax.preprocess.molmo2_image import process_image
-from molmo_jax.preprocess.molmo2_video import frame_pooling, process_video
+from molmo_jax.preprocess.image_io import frame_files, load_image
+from molmo_jax.preprocess.molmo2_image import process_images
+from molmo_jax.preprocess.molmo2_video import frame_pooling, process_videos
 from molmo_jax.preprocess.sequence import SequenceError
 
 POINTING_STYLES = ("pointing", "point_count")
@@ -101,19 +102,9 @@ def _as_list(value, what: str) -> list:
     return [value]
 
 
-def concat_visuals(items) -> tuple[np.ndarray, np.ndarray]:
-    """Crops [sum C, P, F] of several images or video frames, and their pooling tables stacked with each
-    item's indices offset past the patches of the items before it."""
-    pooled, offset = [], 0
-    for item in items:
-        pooled.append(np.where(item.token_pooling >= 0, item.token_pooling + offset, -1).astype(np.int32))
-        offset += item.pixel_values.shape[0] * item.pixel_values.shape[1]
-    return np.concatenate([i.pixel_values for i in items]), np.concatenate(pooled)
-
-
 class Molmo2Examples:
     """Callable: (record, rng) -> one example's arrays (unbatched; see the module docstring). A record holds
-    `image` (one, or a list: several images) or `video` (its frames, with optional `fps`: the rate they were
+    `image` (one, or a list: several images) or `video` (its frames or their folder, with optional `fps`: the rate they were
     taken at); a video is sampled to at most `max_frames` frames (the processor's own limits apply too)."""
 
     def __init__(self, processor, seq_len: int, max_images: int = 1, max_frames: int = 0):
@@ -123,34 +114,37 @@ class Molmo2Examples:
         tok = processor.tokenizer
         self.eos_id = tok._tok.token_to_id(tok.eos_token)
 
-    def media(self, example: dict) -> tuple[list, list, list]:
-        """(per-image inputs, per-video inputs, (width, height) of each image or of the video's frames)."""
+    def media(self, example: dict) -> tuple[dict, list, list, list]:
+        """(the processor's pixel and pooling arrays, per-image inputs, per-video inputs, (width, height) of
+        each image or of the video's frames)."""
         image, video = example.get("image"), example.get("video")
         if image is not None and video is not None:
             raise formatting.FormatError("a record holds images or a video, not both")
         if video is not None:
             if self.max_frames < 1:
                 raise formatting.FormatError("a video record, but data.max_frames is 0 (no frames per row)")
+            if isinstance(video, str) and os.path.isdir(video):
+                video = frame_files(video)
             frames = [load_image(f) for f in _as_list(video, "video")]
             fps = example.get("fps")
             meta = dict(total_num_frames=len(frames), fps=float(fps)) if fps else None
-            item = process_video(frames, self.processor.video, meta,
-                                 num_frames=min(self.max_frames, self.processor.video.num_frames))
-            return [], [item], [(frames[0].shape[1], frames[0].shape[0])]
+            arrays, per_video = process_videos([frames], self.processor.video, [meta],
+                                               num_frames=min(self.max_frames, self.processor.video.num_frames))
+            return arrays, [], per_video, [(frames[0].shape[1], frames[0].shape[0])]
         if image is None:
-            return [], [], []
+            return {}, [], [], []
         pictures = [load_image(im) for im in _as_list(image, "image")]
         if len(pictures) > self.max_images:
             raise SequenceError(f"{len(pictures)} images in a record; data.max_images is {self.max_images}")
-        return ([process_image(p, self.processor.image, f"image {k + 1}") for k, p in enumerate(pictures)], [],
-                [(p.shape[1], p.shape[0]) for p in pictures])
+        arrays, per_image = process_images(pictures, self.processor.image)
+        return arrays, per_image, [], [(p.shape[1], p.shape[0]) for p in pictures]
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None, **_) -> dict:
         rng = rng if rng is not None else np.random.default_rng(0)
         convs = example.get("message_list")
         if not isinstance(convs, (list, tuple)) or not convs:
             raise formatting.FormatError(f"example needs a non-empty 'message_list' (keys: {sorted(example)})")
-        per_image, per_video, sizes = self.media(example)
+        arrays, per_image, per_video, sizes = self.media(example)
         pairs = [p for k in rng.permutation(len(convs))
                  for p in turns_of(convs[int(k)], rng, sizes, self.format, video=bool(per_video))]
         tok = self.processor.tokenizer
@@ -176,10 +170,8 @@ class Molmo2Examples:
         types = np.isin(ids, self.processor.mm_token_ids).astype(np.int32)
         out = dict(input_ids=ids[:-1], target_tokens=ids[1:], loss_masks=weights[1:],
                    position_ids=np.arange(len(ids) - 1, dtype=np.int32), mm_token_type_ids=types[:-1])
-        if per_image:
-            out["pixel_values"], out["image_token_pooling"] = concat_visuals(per_image)
-        if per_video:
-            out["pixel_values_videos"], out["video_token_pooling"] = concat_visuals(per_video)
+        out.update({k: arrays[k] for k in ("pixel_values", "image_token_pooling", "pixel_values_videos",
+                                           "video_token_pooling") if k in arrays})
         meta = dict(example.get("metadata") or {}, image_size=sizes[0] if sizes else None)
         if len(sizes) > 1:
             meta["image_sizes"] = sizes
