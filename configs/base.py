@@ -45,6 +45,7 @@ def base(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigD
         max_crops=model.image.max_crops,
         max_images=1,             # Molmo2: images a record may hold (each up to max_crops crops)
         max_frames=0,             # Molmo2: frames of a video record (0 = no video records)
+        pack_records=1,           # Molmo2: records drawn per row and packed into it while they fit (1 = one)
         seq_buckets=(),           # padded sequence lengths (() = just seq_len)
         num_workers=0,            # grain worker processes for preprocessing
         worker_buffer=2,

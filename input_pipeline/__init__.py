@@ -15,6 +15,8 @@ optional:
     seq_buckets   padded sequence lengths, e.g. (1024, 2304) (default: (seq_len,), one fixed shape)
     worker_buffer batches buffered per worker (default 2)
     drop_missing  leave unbuilt datasets out of the mixture (renormalising) instead of failing
+    max_images, max_frames  Molmo2: images of a record (default 1), frames of a video record (default 0)
+    pack_records  Molmo2: records drawn per row, packed into it while they fit (default 1: one per row)
     synthetic_split_sizes  kind "synthetic": e.g. "train=400,validation=50,test=50" (default sizes otherwise)
     synthetic_options      kind "synthetic": renderer options, e.g. "grid=4,max_objects=4" (see
                   input_pipeline.synthetic.parse_options)
@@ -121,11 +123,14 @@ def make_loader(config, process_index: int = 0, process_count: int = 1, split: s
         tokenizer=tokenizer, stage=str(config.stage), split=split, process_index=process_index,
         process_count=process_count, max_crops=_data_option(config, "max_crops"),
         max_images=int(_data_option(config, "max_images", 1)), max_frames=int(_data_option(config, "max_frames", 0)),
+        pack_records=int(_data_option(config, "pack_records", 1)),
         seq_buckets=tuple(int(b) for b in buckets) if buckets else None)
     sources = [(datasets.spec(name), folders[name]) for name in names]
     maker = loader.BatchMaker(sources, [rates[n] for n in names], [lengths[n] for n in names], config.model, settings)
     fingerprint = {"mixture": mixture, "seed": settings.seed, "global_batch": settings.global_batch,
                    "seq_len": settings.seq_len, "datasets": {n: lengths[n] for n in names}}
+    if settings.pack_records != 1:
+        fingerprint["pack_records"] = settings.pack_records
     return loader.TrainLoader(maker, num_workers=int(_data_option(config, "num_workers", 0)),
                               worker_buffer=int(_data_option(config, "worker_buffer", 2)), fingerprint=fingerprint)
 

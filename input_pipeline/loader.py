@@ -8,7 +8,8 @@ Every batch is a pure function of (seed, batch number, process index, process co
 asks the mixture plan which records fill the global batch's slots (`mixtures.py`), keeps this
 process's contiguous block of them (the block `jax.make_array_from_process_local_data` expects), and
 per slot reads the record, converts it (`conversions.py`), preprocesses it with the per-example RNG
-(image crops, formatting, packing, tokens) and finally collates to the fixed shapes. grain runs
+(image crops, formatting, packing, tokens) and finally collates to the fixed shapes. A Molmo2 with
+`pack_records` k > 1 draws k slots per row and packs the examples of a row's slots while they fit. grain runs
 BatchMaker over batch numbers k, k+1, ... in `num_workers` processes (round-robin, so the order never
 depends on the worker count) or, with 0 workers, in one background thread. The iterator state is
 therefore just the next batch number; resuming with any number of workers continues the same sequence.
@@ -48,6 +49,7 @@ class LoaderSettings:
     max_crops: int | None = None                    # default: the model's
     max_images: int = 1                             # Molmo2: images per record (several-image records)
     max_frames: int = 0                             # Molmo2: video frames per record (0: no video records)
+    pack_records: int = 1                           # Molmo2: records drawn per row, packed while they fit
     seq_buckets: tuple[int, ...] | None = None      # default (seq_len,): one fixed shape
     always_subsegments: bool = True                 # add all-ones subsegment_ids to unpacked batches
     max_fallbacks: int = 8
@@ -57,6 +59,8 @@ class LoaderSettings:
             raise ValueError(f"global batch {self.global_batch} is not divisible by {self.process_count} processes")
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} outside 0..{self.process_count - 1}")
+        if self.pack_records < 1:
+            raise ValueError(f"data.pack_records must be >= 1, got {self.pack_records}")
         if self.stage not in ("pretrain", "sft"):
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
 
@@ -94,10 +98,14 @@ def example_makers(cfg, s: LoaderSettings):
         processor = processor_for(cfg, s.tokenizer, max_crops=s.max_crops)
         media = dict(max_images=s.max_images, max_frames=s.max_frames)
         return (Molmo2Examples(processor, s.seq_len, **media),
-                Molmo2Collator(processor.image, s.seq_len, s.local_batch, video_settings=processor.video, **media))
+                Molmo2Collator(processor.image, s.seq_len, s.local_batch, video_settings=processor.video,
+                               pack_records=s.pack_records, **media))
     if s.max_images != 1 or s.max_frames:
         raise ValueError("data.max_images / data.max_frames: a Molmo trains on one image per record; several "
                          "images and videos are Molmo2's")
+    if s.pack_records != 1:
+        raise ValueError("data.pack_records: a Molmo packs the conversations of one image into a row (its "
+                         "preprocessor does); packing several records into a row is Molmo2's")
     tokenizer = MolmoTokenizer(s.tokenizer, cfg.llm.vocab_size)
     return (Preprocessor(cfg, tokenizer, s.format_settings(), max_crops=s.max_crops),
             Collator.from_config(cfg, s.seq_len, seq_buckets=s.seq_buckets or (s.seq_len,), max_crops=s.max_crops,
@@ -110,8 +118,9 @@ class _Runtime:
     def __init__(self, maker: "BatchMaker"):
         s = maker.settings
         self.sources = [datasets.open_source(folder, s.split) for _, folder in maker.sources]
+        # With packing, every row draws `pack_records` slots of the plan (the row's candidates).
         self.plan = mixtures.MixturePlan([ds.name for ds, _ in maker.sources], list(maker.rates),
-                                         list(maker.lengths), s.seed, s.global_batch)
+                                         list(maker.lengths), s.seed, s.global_batch * s.pack_records)
         self.preprocessor, self.collator = example_makers(maker.model_cfg, s)
         blank = {"image": np.full((8, 8, 3), 128, np.uint8), "message_list": [{"style": "none", "question": "",
                                                                                "answer": ""}]}
@@ -153,14 +162,26 @@ class BatchMaker:
         rt = self.runtime()
         s = self.settings
         choices, items = rt.plan.dataset_choices(batch_index)
-        lo = s.process_index * s.local_batch
+        k = s.pack_records
+        lo, n = s.process_index * s.local_batch * k, s.local_batch * k
         counts: collections.Counter = collections.Counter()
-        examples = []
-        for d, item in zip(choices[lo:lo + s.local_batch], items[lo:lo + s.local_batch]):
-            example = self._example(rt, int(d), int(item), counts)
-            if example is not None:
-                examples.append(example)
-        return self._collate(rt, examples), dict(counts)
+        examples = [self._example(rt, int(d), int(item), counts) for d, item in zip(choices[lo:lo + n], items[lo:lo + n])]
+        if k > 1:  # row r packs the examples of slots r*k .. r*k+k-1 (a pure function of the row)
+            examples = [self._pack(rt, [ex for ex in examples[r:r + k] if ex is not None], counts)
+                        for r in range(0, n, k)]
+        return self._collate(rt, [ex for ex in examples if ex is not None]), dict(counts)
+
+    def _pack(self, rt: _Runtime, examples: list[dict], counts: collections.Counter):
+        if not examples:
+            return None
+        try:
+            packed, left_out = rt.collator.pack(examples)
+        except SequenceError:
+            counts["packing: no example of the row fits it"] += 1
+            return None
+        if left_out:
+            counts["packing: examples left out of a full row"] += left_out
+        return packed
 
     def _example(self, rt: _Runtime, d: int, item: int, counts: collections.Counter):
         spec, n = self.sources[d][0], self.lengths[d]

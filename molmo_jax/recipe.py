@@ -15,7 +15,7 @@ import sys
 
 # Keys that must be positive integers, and those that must be >= 0 (0 meaning "off").
 POSITIVE = ("batch_size", "seq_len", "total_steps", "grad_accum_steps", "log_every", "checkpoint_every", "data.max_crops",
-            "data.max_images", "keep_checkpoints")
+            "data.max_images", "data.pack_records", "keep_checkpoints")
 NON_NEGATIVE = ("max_loss_tokens", "loss_chunk_tokens", "keep_every", "max_bad_steps", "eval_every",
                 "eval_batches", "eval_examples", "seed", "lora.rank",
                 "data.max_frames")

@@ -223,6 +223,16 @@ def build_step(config, mesh) -> StepSetup:
                      trainable_split(config)[0])
 
 
+def global_pooling(batch: dict, first_view: int) -> dict:
+    """A Molmo2 batch whose pooling indices (into this process's crops) point into the global batch's
+    crops, where this process's crops start at row `first_view` of the global `pixel_values`."""
+    pooling = batch.get("image_token_pooling")
+    if pooling is None or not first_view:
+        return batch
+    pooling, patches = np.asarray(pooling), np.asarray(batch["pixel_values"]).shape[1]
+    return dict(batch, image_token_pooling=np.where(pooling >= 0, pooling + first_view * patches, -1).astype(pooling.dtype))
+
+
 class Trainer:
     def __init__(self, config, workdir: str, mesh=None):
         self.config = config
@@ -319,10 +329,10 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def _global_batch(self, batch: dict):
         if jax.process_count() > 1 and batch.get("image_token_pooling") is not None:
-            # Each process's pooling indices point into its own crops; one global batch would need them
-            # offset by the crops of the processes before it.
-            raise ValueError("Molmo2 batches index their crops batch-wide: training on several processes "
-                             "is not supported for Molmo2 yet; train on one host")
+            views = np.asarray(batch["pixel_values"]).shape
+            shape = (views[0] * jax.process_count(),) + views[1:]
+            where = sharding.batch_sharding(self.mesh, len(shape), shape[0]).addressable_devices_indices_map(shape)
+            batch = global_pooling(batch, min(index[0].start or 0 for index in where.values()))
         out = {}
         for k in losses.BATCH_KEYS:
             if k in batch and batch[k] is not None:

@@ -267,9 +267,9 @@ def test_training_loss_takes_the_batch_by_name(models):
     want = float(np.sum((lse - picked) * weights) / np.sum(weights))
     assert abs(float(parts["loss"]) - want) <= 1e-5, (float(parts["loss"]), want)
     assert float(total) > float(parts["loss"])  # the z-loss is added
-    packed = dict(batch, subsegment_ids=np.ones_like(ids))
-    with pytest.raises(ValueError, match="Molmo2 does not read subsegment_ids"):
-        losses.training_loss(model, packed)
+    molmo_style = dict(batch, images=np.zeros((len(ids), 1, 4, 12), np.float32))  # another family's input
+    with pytest.raises(ValueError, match="Molmo2 does not read images"):
+        losses.training_loss(model, molmo_style)
 
 
 def test_token_count_mismatch_is_one_clear_error(models):

@@ -38,8 +38,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_cmd(workdir, data_dir, steps, *extra, checkpoint_every=FIRST):
-    return [sys.executable, "-m", "tools.train", "--config", "configs/tiny_pretrain.py", "--workdir", str(workdir),
+def _train_cmd(workdir, data_dir, steps, *extra, checkpoint_every=FIRST, config="configs/tiny_pretrain.py"):
+    return [sys.executable, "-m", "tools.train", "--config", config, "--workdir", str(workdir),
             f"--config.total_steps={steps}", "--config.log_every=1", f"--config.checkpoint_every={checkpoint_every}",
             # 8 examples: the batch splits over all 8 devices of the fsdp=8 mesh, 4 per process.
             "--config.batch_size=8", f"--config.data.data_dir={data_dir}",
@@ -66,12 +66,12 @@ def _wait(procs: dict, timeout=400):
     return {name: log.read_text() for name, (_, log) in procs.items()}
 
 
-def _two_processes(tmp, workdir, data_dir, steps, tag):
+def _two_processes(tmp, workdir, data_dir, steps, tag, *extra, **kwargs):
     port = _free_port()
     procs = {}
     for i in range(2):
         cmd = _train_cmd(workdir, data_dir, steps, f"--coordinator_address=localhost:{port}",
-                         "--num_processes=2", f"--process_id={i}")
+                         "--num_processes=2", f"--process_id={i}", *extra, **kwargs)
         log = tmp / f"{tag}.{i}.log"
         procs[f"{tag} process {i}"] = (_start(cmd, _clean_env(4), log), log)
     return procs
@@ -151,6 +151,27 @@ def test_checkpoints_are_written_once_and_the_run_resumes(runs):
         assert (saved / "commit_success.txt").is_file()
         meta = json.loads((saved / "meta" / "metadata").read_text())
         assert meta["step"] == step and meta["data_state"]["next_batch"] == step
+
+
+def test_molmo2_losses_match_the_single_process_run(tmp_path):
+    """A Molmo2's pooling indices point into its process's own crops until the trainer offsets them
+    (`trainer.global_pooling`); with packed rows (2 records each) the two-process run must see the single
+    process's global batch: the same loss weight exactly and the same losses to float32 rounding. `fan_in`
+    init keeps the image features O(1) (at the tiny default init they are ~1e-8 and the loss could not tell
+    which crops were pooled): indices left unoffset, which pool process 0's crops for process 1's tokens, move
+    the first loss by 2.8e-5 relative; the correct run measured bit-identical at step 1 and 1.5e-7 at step 2
+    (the reductions go through gloo), hence 2e-6."""
+    data_dir, ref, multi = tmp_path / "data", tmp_path / "ref", tmp_path / "multi"
+    extra = ("--config.seq_len=640", "--config.data.pack_records=2", "--config.model.init=fan_in")
+    kwargs = dict(checkpoint_every=1000, config="configs/molmo2_tiny_sft.py")
+    procs = _two_processes(tmp_path, multi, data_dir, FIRST, "molmo2", *extra, **kwargs)
+    ref_cmd = _train_cmd(ref, data_dir, FIRST, *extra, **kwargs)
+    procs["reference"] = (_start(ref_cmd, _clean_env(8), tmp_path / "ref.log"), tmp_path / "ref.log")
+    _wait(procs)
+    got, want = _metrics(multi), _metrics(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, FIRST + 1))
+    for g, w in zip(got, want):
+        assert g["weight"] == w["weight"] and g["loss"] == pytest.approx(w["loss"], rel=2e-6), (g, w)
 
 
 # -- when jax.distributed starts ----------------------------------------------------------------

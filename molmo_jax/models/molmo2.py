@@ -11,6 +11,9 @@ Inputs follow transformers' Molmo2 processor (its names; padding -1 in `input_id
   pixel_values_videos, video_token_pooling: the same for the frames of videos (one or the other)
   mm_token_type_ids    [B, T]     1 = an image (or frame) token: all of them attend to each other
                                   both ways (one group, as transformers' block mask); absent = causal
+  subsegment_ids       [B, T]     training rows packing several records (0, 1, ... in order, -1 =
+                                  padding): a record sees only itself, its image tokens form their own
+                                  group, and `position_ids` restart at each record; absent = one record
 The k-th non-empty pooling row goes to the k-th `image_patch` token of the batch (rows in order);
 `image_grids`, `image_num_crops` and `video_grids` only describe these tables and are not needed.
 """
@@ -66,7 +69,7 @@ class Molmo2(nnx.Module):
     # Batch arrays the model reads by name: for the prompt (generation), and for training.
     PROMPT_INPUTS = ("input_ids", "pixel_values", "image_token_pooling", "pixel_values_videos",
                      "video_token_pooling", "mm_token_type_ids")
-    INPUTS = PROMPT_INPUTS + ("position_ids",)
+    INPUTS = PROMPT_INPUTS + ("position_ids", "subsegment_ids")
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -102,22 +105,28 @@ class Molmo2(nnx.Module):
         return self.embed_inputs(batch["input_ids"], **{k: batch.get(k) for k in names})
 
     def token_groups(self, batch: dict):
-        """[B, T] group ids: 0 for the image (and frame) tokens, -1 for text; None without
-        `mm_token_type_ids` (causal, as transformers)."""
-        types = batch.get("mm_token_type_ids")
-        return None if types is None else jnp.where(types == IMAGE_TOKEN_TYPE, 0, -1).astype(jnp.int32)
+        """[B, T] group ids: for the image (and frame) tokens their record's `subsegment_ids` (0 without
+        packing), -1 for text; None without `mm_token_type_ids` (causal, as transformers)."""
+        types, records = batch.get("mm_token_type_ids"), batch.get("subsegment_ids")
+        if types is None:
+            return None
+        record = jnp.zeros_like(types) if records is None else jnp.maximum(records, 0)
+        return jnp.where(types == IMAGE_TOKEN_TYPE, record, -1).astype(jnp.int32)
 
     # -- forward --------------------------------------------------------------------------------
     def __call__(self, input_ids, pixel_values=None, image_token_pooling=None, pixel_values_videos=None,
-                 video_token_pooling=None, mm_token_type_ids=None, *, position_ids=None, response_mask=None,
-                 dropout_rng=None, return_hidden=False, return_logits=True):
+                 video_token_pooling=None, mm_token_type_ids=None, *, position_ids=None, subsegment_ids=None,
+                 response_mask=None, dropout_rng=None, return_hidden=False, return_logits=True):
         """Returns a dict with `hidden` (after ln_f), `logits` [B, T, vocab] and, with
         `return_hidden`, `hidden_states` (input of each block plus the final one) and
         `input_embeddings`."""
         valid = input_ids != -1
         if position_ids is None:
             position_ids = positions_from_mask(valid)
-        mask = Mask(causal=True, kv_valid=valid, groups=self.token_groups(dict(mm_token_type_ids=mm_token_type_ids)))
+        # Records numbered in order: with the causal mask, "segment of the query <= segment of the key"
+        # leaves each packed record only its own keys (docs/architecture.md#molmo2-packing).
+        groups = self.token_groups(dict(mm_token_type_ids=mm_token_type_ids, subsegment_ids=subsegment_ids))
+        mask = Mask(causal=True, kv_valid=valid, segments=subsegment_ids, groups=groups)
         x = self.embed_inputs(input_ids, pixel_values, image_token_pooling, pixel_values_videos, video_token_pooling)
         return self.llm.outputs(x, position_ids, mask, response_mask=response_mask, dropout_rng=dropout_rng,
                                 return_hidden=return_hidden, return_logits=return_logits)

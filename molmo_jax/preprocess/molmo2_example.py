@@ -15,6 +15,11 @@ loss_masks float32 [B, T]; pixel_values float32 [B * C, P, patch * patch * 3] wi
 crops of up to `max_images` images, or up to `max_frames` video frames; padding views are zeros);
 image_token_pooling int32 [B * M, K] with M the most pooled tokens a row can make (rows of -1 make no
 token), indices into the flat B * C * P patches (`batch_layout`).
+
+Packing (`pack_records` > 1): a row holds several records one after another (`pack_row`), each with its own
+positions from 0, `subsegment_ids` numbering the records 0, 1, ... (-1 = padding) and its views and pooling
+rows after the previous record's; the model's mask keeps them apart (docs/architecture.md#molmo2-packing). A
+packed row has room for `pack_records` records' views and pooling rows.
 """
 from __future__ import annotations
 
@@ -214,18 +219,69 @@ def batch_layout(image, video=None, max_images: int = 1, max_frames: int = 0) ->
     return BatchLayout(crops, image.crop_patches ** 2, image.patch * image.patch * 3, rows, window)
 
 
+def _views(ex: dict):
+    """(views [V, P, F], pooling table [R, K]) of one example, its video's or its images' (None, None: none)."""
+    video = ex.get("pixel_values_videos") is not None
+    crops = ex.get("pixel_values_videos" if video else "pixel_values")
+    return (None, None) if crops is None else (crops, ex["video_token_pooling" if video else "image_token_pooling"])
+
+
+def pack_row(examples: list[dict], seq_len: int, layout: BatchLayout) -> tuple[dict, int]:
+    """(one example holding, in order, every one of `examples` that still fits the row's tokens, views and
+    pooling rows, the number left out). The packed example numbers its records in `subsegment_ids` and
+    offsets each record's pooling indices by the views before it."""
+    kept, tokens, views, rows = [], 0, 0, 0
+    for ex in examples:
+        crops, table = _views(ex)
+        n_views, n_rows = (0, 0) if crops is None else (len(crops), len(table))
+        if (tokens + len(ex["input_ids"]) > seq_len or views + n_views > layout.crops or rows + n_rows > layout.rows
+                or (table is not None and table.shape[1] > layout.window)):
+            continue
+        kept.append(ex)
+        tokens, views, rows = tokens + len(ex["input_ids"]), views + n_views, rows + n_rows
+    if not kept:
+        raise SequenceError(f"none of {len(examples)} examples fits a packed row of {seq_len} tokens, {layout.crops} "
+                            f"views and {layout.rows} pooling rows")
+    out = {key: np.concatenate([ex[key] for ex in kept]) for key in
+           ("input_ids", "target_tokens", "loss_masks", "position_ids", "mm_token_type_ids")}
+    out["subsegment_ids"] = np.concatenate([np.full(len(ex["input_ids"]), j, np.int32) for j, ex in enumerate(kept)])
+    pixels, tables, start = [], [], 0
+    for ex in kept:
+        crops, table = _views(ex)
+        if crops is not None:
+            wide = np.full((len(table), layout.window), -1, np.int32)
+            wide[:, :table.shape[1]] = np.where(table >= 0, table + start * layout.patches, -1)
+            pixels.append(crops)
+            tables.append(wide)
+            start += len(crops)
+    if pixels:
+        out.update(pixel_values=np.concatenate(pixels), image_token_pooling=np.concatenate(tables))
+    return out, len(examples) - len(kept)
+
+
 class Molmo2Collator:
     """Examples -> one batch of fixed shapes: `batch_size` rows of `seq_len` tokens, and per row the
     `batch_layout`'s crops and pooling rows. A video's frames go into `pixel_values` and its pooling rows
     into `image_token_pooling` (slots beyond a table's window are -1): the model encodes and pools frames
-    exactly as image crops, so one batch may mix image and video records."""
-    packs = False   # one record per row
+    exactly as image crops, so one batch may mix image and video records. With `pack_records` > 1 each
+    row has room for that many records (`pack_row` fills it) and the batch carries `subsegment_ids`."""
 
     def __init__(self, image_settings, seq_len: int, batch_size: int, *, video_settings=None, max_images: int = 1,
-                 max_frames: int = 0):
-        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
-        self.layout = batch_layout(image_settings, video_settings, max_images, max_frames)
+                 max_frames: int = 0, pack_records: int = 1):
+        self.seq_len, self.batch_size, self.pack_records = int(seq_len), int(batch_size), int(pack_records)
+        if self.pack_records < 1:
+            raise ValueError(f"data.pack_records must be >= 1, got {pack_records}")
+        k = self.pack_records
+        self.layout = batch_layout(image_settings, video_settings, max_images * k, max_frames * k)
         self.crops, self.patches, self.rows = self.layout.crops, self.layout.patches, self.layout.rows
+
+    @property
+    def packs(self) -> bool:
+        """Whether batches carry `subsegment_ids` (several records per row)."""
+        return self.pack_records > 1
+
+    def pack(self, examples: list[dict]) -> tuple[dict, int]:
+        return pack_row(examples, self.seq_len, self.layout)
 
     @property
     def max_sequence_length(self) -> int:
@@ -238,17 +294,20 @@ class Molmo2Collator:
         out = {k: np.full((b, t), -1, np.int32) for k in ("input_ids", "target_tokens", "position_ids")}
         out["loss_masks"] = np.zeros((b, t), np.float32)
         out["mm_token_type_ids"] = np.zeros((b, t), np.int32)
+        if self.packs:
+            out["subsegment_ids"] = np.full((b, t), -1, np.int32)
         pixels = np.zeros((b * lay.crops, lay.patches, lay.pixels), np.float32)
         pooling = np.full((b * lay.rows, lay.window), -1, np.int32)
         for i, ex in enumerate(examples):
             n = len(ex["input_ids"])
             for key in ("input_ids", "target_tokens", "position_ids", "loss_masks", "mm_token_type_ids"):
                 out[key][i, :n] = ex[key]
-            video = ex.get("pixel_values_videos") is not None
-            crops = ex.get("pixel_values_videos" if video else "pixel_values")
+            if self.packs:
+                out["subsegment_ids"][i, :n] = ex.get("subsegment_ids", 0)
+            crops, table = _views(ex)
             if crops is None:
                 continue
-            table = ex["video_token_pooling" if video else "image_token_pooling"]
+            video = ex.get("pixel_values_videos") is not None
             if len(crops) > lay.crops or len(table) > lay.rows or table.shape[1] > lay.window:
                 raise SequenceError(f"example {i}: {len(crops)} {'frames' if video else 'crops'} and {table.shape} "
                                     f"pooling rows exceed the batch's {lay.crops} views and [{lay.rows}, {lay.window}]"
