@@ -131,7 +131,7 @@ def test_media_records_that_cannot_be_trained_are_named(setup):
         make({"image": images + images[:1], "message_list": [question()]})
     with pytest.raises(FormatError, match="data.max_frames is 0"):
         Molmo2Examples(proc, SEQ)({"video": frames, "message_list": [question()]})
-    with pytest.raises(FormatError, match="video record"):
+    with pytest.raises(FormatError, match="needs 'times': the second of each of its 1 points"):
         make({"video": frames, "message_list": [{"style": "pointing", "label": "a", "question": "Point.",
                                                  "points": [[1.0, 2.0]]}]})
     with pytest.raises(FormatError, match="image_index 3 outside the record's 2 image"):
@@ -140,6 +140,51 @@ def test_media_records_that_cannot_be_trained_are_named(setup):
     collate = Molmo2Collator(proc.image, SEQ, 2)
     with pytest.raises(SequenceError, match="data.max_images"):
         collate([make({"image": images, "message_list": [question()]})])
+
+
+def test_video_pointing_counting_and_tracking_targets(setup):
+    """Points of a video conversation go to the sampled frame nearest their time (written as that frame's
+    time, as the prompt shows it), in time order; one farther than half a frame interval from every sampled
+    frame is left out; tracks keep their ids; counting counts distinct objects. The answers parse back to
+    the same frames, ids and pixels (to the thousandths' rounding)."""
+    from molmo_jax.molmo2_points import parse_molmo2_points
+
+    cfg, proc = setup
+    _, frames = media()
+    make = Molmo2Examples(proc, SEQ, max_frames=4)
+
+    def answer(conv):
+        ex = make({"video": frames, "fps": 1.0, "message_list": [conv]})
+        text = proc.tokenizer.decode(ex["target_tokens"][ex["loss_masks"] > 0], skip_special_tokens=True)
+        return text, ex["metadata"]["frame_times"]
+
+    _, stamps = answer({"style": "vqa2", "question": "What happens?", "answer": "it moves"})
+    assert len(stamps) == 4 and stamps[0] == 0.0
+    t = [float(x) for x in stamps]
+    point = {"style": "pointing", "label": "Dogs", "question": "Point to the dogs.",
+             "points": [[16.0, 36.0], [32.0, 24.0], [8.0, 8.0]], "times": [t[2] + 0.1, t[0], 100.0]}
+    text, _ = answer(point)
+    assert text == f'<points coords="{t[0]:.1f} 2 500 500;{t[2]:.1f} 1 250 750" alt="dogs">dogs</points>', text
+    parsed = parse_molmo2_points(text, 64, 48)
+    np.testing.assert_allclose(parsed.frames, [round(t[0], 1), round(t[2], 1)])
+    np.testing.assert_allclose(parsed.points, [[32.0, 24.0], [16.0, 36.0]], atol=0.05)
+    # the two points on sampled frames are one object (id 1); object 3 is only on the left-out point
+    text, _ = answer(dict(point, style="point_count", ids=[1, 1, 3]))
+    assert text.startswith("Counting the <points") and text.endswith("shows a total of 1."), text
+    text, _ = answer(dict(point, style="point_count"))
+    assert text.endswith("shows a total of 2."), text
+    track = {"style": "tracking", "label": "ball", "question": "Track the ball.", "points": [[32.0, 24.0]] * 3,
+             "times": [t[1], t[0], t[1]], "ids": [1, 1, 2]}
+    text, _ = answer(track)
+    assert text == f'<tracks coords="{t[0]:.1f} 1 500 500;{t[1]:.1f} 1 500 500 2 500 500" alt="ball">ball</tracks>'
+    with pytest.raises(FormatError, match="'tracking' conversation needs 'ids'"):
+        answer({k: v for k, v in track.items() if k != "ids"})
+    with pytest.raises(FormatError, match="within half a frame interval"):
+        answer(dict(point, times=[100.0, 200.0, 300.0]))
+    with pytest.raises(FormatError, match="'ids' must be 3 non-negative integers"):
+        answer(dict(track, ids=[1, 2]))
+    with pytest.raises(FormatError, match="'tracking' conversation on a record without a video"):
+        Molmo2Examples(proc, SEQ)({"image": frames[0], "message_list": [track]})
 
 
 def test_molmo_refuses_several_image_settings():
@@ -199,6 +244,9 @@ def test_vqa_builder_stores_several_images_and_videos_and_the_loader_trains_on_t
     frames = [png(source / "clip" / f"{k:02d}.png", 32, 24) for k in (2, 0, 1)]
     rows = [{"images": ["a.png", "b.png"], "question": "Which is wider?", "answer": "the first"},
             {"video": "clip", "fps": 2, "question": "What moves?", "answer": "nothing"},
+            {"video": "clip", "fps": 2, "style": "tracking", "question": "Track the dot.", "label": "dot",
+             "points": [[8, 6], [16, 12]], "times": [0.0, 0.5], "ids": [1, 1]},
+            {"video": "clip", "style": "tracking", "question": "Bad?", "points": [[1, 2, 3]]},
             {"video": "nowhere", "question": "Lost?", "answer": "no"},
             {"image": "a.png", "question": "One?", "answer": "yes"}]
     (source / "train.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows))
@@ -213,6 +261,12 @@ def test_vqa_builder_stores_several_images_and_videos_and_the_loader_trains_on_t
     assert sorted(by_kind) == ["image", "images", "video"]  # the missing frames folder was skipped
     assert by_kind["images"]["image"] == [a, b] and by_kind["image"]["image"] == a
     assert by_kind["video"]["video"] == [frames[1], frames[2], frames[0]] and by_kind["video"]["fps"] == 2.0
+    track = by_kind["video"]["message_list"][1]   # the malformed points row was skipped
+    assert len(by_kind["video"]["message_list"]) == 2 and track["times"] == [0.0, 0.5] and track["ids"] == [1, 1]
+    proc = processor_for(molmo2_tiny_sft.get_config().model, MOLMO2_TINY_TOKENIZER)
+    ex = Molmo2Examples(proc, SEQ, max_frames=4)(dict(by_kind["video"], message_list=[track]))
+    trained = proc.tokenizer.decode(ex["target_tokens"][ex["loss_masks"] > 0], skip_special_tokens=True)
+    assert trained == '<tracks coords="0.0 1 250 250;0.5 1 500 500" alt="dot">dot</tracks>', trained
     config = molmo2_tiny_sft.get_config()
     config.data.update(kind="mixture", mixture="vqa:media:1.0", data_dir=str(data), max_images=2, max_frames=4)
     config.update(batch_size=3, seq_len=SEQ)

@@ -12,6 +12,9 @@ name's prefix (`train`, `validation` or `val`, `test`). One row = one question:
   most frequent), or `options` (list of str) with `answer` = the correct option's text or 0-based index;
 - optional: `image_id` (rows sharing it are one image; default: the image reference), `style`
   (overrides --style for the row), `weight` (loss weight, e.g. ChartQA's human/augmented weighting).
+- or, instead of the target, `points` ([[x, y], ...] pixels; [] = none there) with `label`, for styles
+  `pointing` / `point_count` (`image_index` for which image of several) and on a video also `tracking`, with
+  `times` (the second of each point) and `ids` (each point's object; required for tracking).
 Instead of one image, a row may hold `images` (a list of image references: several images, for a
 Molmo2) or `video` (a folder of frame files, read in name order, or a list of frame references) with
 `fps`, the rate the frames were taken at (optional). Their bytes after the first are stored in
@@ -134,7 +137,9 @@ class Vqa(hub.HubBuilder):
             raise SkipRecord("question missing or empty")
         qa = {"style": str(row.get("style") or self.style), "question": question.strip()}
         options, answer, answers = row.get("options"), row.get("answer"), row.get("answers")
-        if options is not None:
+        if row.get("points") is not None:
+            qa.update(_point_fields(row))
+        elif options is not None:
             if not isinstance(answer, (str, int)) or isinstance(answer, bool):
                 raise SkipRecord("multiple-choice question without an answer")
             qa.update(options=[str(o) for o in options], answer=answer)
@@ -206,10 +211,31 @@ class Vqa(hub.HubBuilder):
         return out
 
 
+def _numbers(value, n=None) -> bool:
+    return (isinstance(value, (list, tuple)) and (n is None or len(value) == n)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+def _point_fields(row) -> dict:
+    """A pointing / counting / tracking row's fields (the Molmo2 formatter writes the target from them)."""
+    points = row["points"]
+    if not isinstance(points, (list, tuple)) or not all(_numbers(p, 2) for p in points):
+        raise SkipRecord("points is not a list of [x, y] pairs")
+    out = {"points": [[float(x), float(y)] for x, y in points], "label": str(row.get("label") or "")}
+    for key in ("times", "ids"):
+        if row.get(key) is not None:
+            if not _numbers(row[key], len(points)):
+                raise SkipRecord(f"{key} is not a list of one number per point")
+            out[key] = [float(v) for v in row[key]] if key == "times" else [int(v) for v in row[key]]
+    if isinstance(row.get("image_index"), int) and not isinstance(row["image_index"], bool):
+        out["image_index"] = row["image_index"]
+    return out
+
+
 def _columns(path):
     names = set(hub.pq_schema_names(path))
     wanted = ("image", "image_path", "image_url", "image_id", "question", "answer", "answers", "options",
-              "style", "weight", "images", "video", "fps")
+              "style", "weight", "images", "video", "fps", "points", "label", "times", "ids", "image_index")
     return tuple(c for c in wanted if c in names)
 
 

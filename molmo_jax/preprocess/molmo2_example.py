@@ -8,7 +8,8 @@ the video's frame times and tokens, and the style prefix; every answer is traine
 closing `<|im_end|>` (the EOS), and later turns continue "\\n<|im_start|>user\\n...". Several conversations
 of one record become consecutive turns of one chat, in random order. Pointing targets are written in
 Molmo2's `<points coords=...>` format (thousandths of the image size, on the conversation's
-`image_index`); the rest of each turn is Molmo's conversation formatting (`formatting.conversation_turns`).
+`image_index`; on a video at the sampled frames' times, and `tracking` conversations as `<tracks ...>`);
+the rest of each turn is Molmo's conversation formatting (`formatting.conversation_turns`).
 
 Batch layout (the model's names): input_ids, target_tokens, position_ids, mm_token_type_ids int32 [B, T];
 loss_masks float32 [B, T]; pixel_values float32 [B * C, P, patch * patch * 3] with C views per row (the
@@ -36,11 +37,15 @@ from molmo_jax.preprocess.molmo2_video import frame_pooling, process_videos
 from molmo_jax.preprocess.sequence import SequenceError
 
 POINTING_STYLES = ("pointing", "point_count")
+TRACKING_STYLES = ("tracking",)   # video only: objects keep their ids across frames (`<tracks>`)
 
 
-def pointing_answer(conv: dict, image_size, image_number: int = 1) -> str:
-    """A pointing / counting target in Molmo2's format, from the conversation's points (pixels, or percent
-    with point_scale 100) on image `image_number` (1-based) of the record."""
+def pointing_answer(conv: dict, image_size, image_number: int = 1, timestamps=None) -> str:
+    """A pointing / counting / tracking target in Molmo2's format, from the conversation's points (pixels, or
+    percent with point_scale 100) on image `image_number` (1-based) of the record or, with `timestamps` (the
+    seconds of a video's sampled frames), at the conversation's `times` (seconds, one per point) with its
+    `ids` (object ids; default each point its own object): a point goes to the sampled frame nearest its
+    time, and is left out if that frame is more than half a frame interval away."""
     from molmo_jax.molmo2_points import molmo2_points_to_text
 
     label = str(conv.get("label", "")).lower()
@@ -50,15 +55,46 @@ def pointing_answer(conv: dict, image_size, image_number: int = 1) -> str:
         pts = pts / 100.0 * np.array([w, h])
     if pts.shape[0] == 0:
         return formatting.NONE_FOUND
-    n = pts.shape[0]
-    text = molmo2_points_to_text(np.full(n, image_number), np.arange(1, n + 1), pts, w, h, alt=label, text=label)
-    return f"Counting the {text} shows a total of {n}." if conv["style"] == "point_count" else text
+    n, style = pts.shape[0], conv["style"]
+    frames, ids, tag, time_format = np.full(n, image_number), np.arange(1, n + 1), "points", None
+    if timestamps is not None:
+        frames, ids = _video_points(conv, n, np.asarray(timestamps, np.float64))
+        keep = ~np.isnan(frames)
+        order = np.flatnonzero(keep)[np.argsort(frames[keep], kind="stable")]
+        frames, ids, pts, time_format = frames[order], ids[order], pts[order], ".1f"
+        tag = "tracks" if style in TRACKING_STYLES else "points"
+    text = molmo2_points_to_text(frames, ids, pts, w, h, alt=label, text=label, tag=tag, time_format=time_format)
+    return f"Counting the {text} shows a total of {np.unique(ids).size}." if style == "point_count" else text
 
 
-def turns_of(conv: dict, rng, sizes, settings, video: bool = False) -> list[tuple[str, str]]:
+def _video_points(conv: dict, n: int, stamps: np.ndarray):
+    """(sampled-frame time of each point, NaN where none is within half a frame interval; object ids)."""
+    from molmo_jax.molmo2_points import nearest_frames
+
+    times, ids = conv.get("times"), conv.get("ids")
+    if times is None or len(times) != n:
+        raise formatting.FormatError(f"a video {conv['style']!r} conversation needs 'times': the second of each of "
+                                     f"its {n} points")
+    if ids is None and conv["style"] in TRACKING_STYLES:
+        raise formatting.FormatError("a 'tracking' conversation needs 'ids': the object of each point")
+    ids = np.arange(1, n + 1) if ids is None else np.asarray(ids)
+    if len(ids) != n or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise formatting.FormatError(f"'ids' must be {n} non-negative integers, one per point")
+    times = np.asarray(times, np.float64)
+    nearest = stamps[nearest_frames(times, stamps)]
+    half = np.median(np.diff(stamps)) / 2 if len(stamps) > 1 else np.inf
+    on_frame = np.abs(times - nearest) <= half + 1e-6
+    if not on_frame.any():
+        raise formatting.FormatError(f"none of the {n} points' times is within half a frame interval of a sampled "
+                                     f"frame ({', '.join(f'{t:.1f}' for t in stamps)} s)")
+    return np.where(on_frame, nearest, np.nan), ids
+
+
+def turns_of(conv: dict, rng, sizes, settings, timestamps=None) -> list[tuple[str, str]]:
     """[(user text, assistant text), ...] of one conversation; the style rides on the first user text.
-    `sizes`: (width, height) of each image of the record (or of the video's frames). A pointing
-    conversation points on its `image_index` (1-based, default 1); video records take no pointing targets."""
+    `sizes`: (width, height) of each image of the record (or of the video's frames), `timestamps`: the
+    seconds of a video's sampled frames. A pointing conversation points on its `image_index` (1-based,
+    default 1) or, on a video, at its `times`; a tracking one only on a video."""
     if not isinstance(conv, dict):
         raise formatting.FormatError(f"a conversation must be a dict, got {type(conv).__name__}")
     style = str(conv.get("style", ""))
@@ -66,12 +102,11 @@ def turns_of(conv: dict, rng, sizes, settings, video: bool = False) -> list[tupl
     if not isinstance(number, int) or not 1 <= number <= max(len(sizes), 1):
         raise formatting.FormatError(f"image_index {number!r} outside the record's {len(sizes)} image(s)")
     size = sizes[number - 1] if sizes else None
+    if style in TRACKING_STYLES and timestamps is None:
+        raise formatting.FormatError("a 'tracking' conversation on a record without a video")
     turns = formatting.conversation_turns(conv, rng, settings, size)
-    if style in POINTING_STYLES and "points" in conv:
-        if video:
-            raise formatting.FormatError(f"style {style!r} with points on a video record: video pointing "
-                                         "targets (frame times) are not written by the training formatter")
-        turns[-1] = pointing_answer(conv, size, number)
+    if style in POINTING_STYLES + TRACKING_STYLES and "points" in conv:
+        turns = turns[:1] + [pointing_answer(conv, size, number, timestamps)]
     if len(turns) < 2 or len(turns) % 2:
         raise formatting.FormatError(f"training conversation with style {style!r} needs user/assistant turns "
                                      f"in pairs; got {len(turns)} turn(s)")
@@ -151,7 +186,8 @@ class Molmo2Examples:
             raise formatting.FormatError(f"example needs a non-empty 'message_list' (keys: {sorted(example)})")
         arrays, per_image, per_video, sizes = self.media(example)
         pairs = [p for k in rng.permutation(len(convs))
-                 for p in turns_of(convs[int(k)], rng, sizes, self.format, video=bool(per_video))]
+                 for p in turns_of(convs[int(k)], rng, sizes, self.format,
+                                   timestamps=per_video[0].timestamps if per_video else None)]
         tok = self.processor.tokenizer
         content = ([{"type": "image"}] * len(per_image) + [{"type": "video"}] * len(per_video)
                    + [{"type": "text", "text": pairs[0][0]}])
