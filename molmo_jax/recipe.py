@@ -100,6 +100,12 @@ def validate(config, n_devices: int | None = None) -> list[str]:
     batch, accum = _get(config, "batch_size"), _get(config, "grad_accum_steps")
     if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and accum > 0 and batch % accum:
         problems.append(f"grad_accum_steps: {accum} micro-batches do not divide batch_size {batch}")
+    family = _get(config, "model.family") or "molmo"
+    for key, default in (("data.max_images", 1), ("data.max_frames", 0), ("data.pack_records", 1)):
+        value = _get(config, key)
+        if family != "molmo2" and isinstance(value, int) and value != default:
+            problems.append(f"{key}: {value} is for a Molmo2 (several images, videos, packed records); a Molmo "
+                            f"takes {default}")
     mesh = _get(config, "mesh")
     for axis in _keys(mesh):
         size = mesh[axis]

@@ -155,6 +155,12 @@ def test_packing_settings_are_checked(tmp_path):
                                                                      tokenizer="", pack_records=2))
     config = _config(tmp_path, pack_records=0)
     assert "data.pack_records: must be >= 1, got 0" in validate(config)
+    from configs import tiny_sft
+    molmo = tiny_sft.get_config()
+    molmo.data.update(pack_records=2, max_frames=4)
+    assert validate(molmo) == ["data.max_frames: 4 is for a Molmo2 (several images, videos, packed records); a Molmo "
+                               "takes 0", "data.pack_records: 2 is for a Molmo2 (several images, videos, packed "
+                               "records); a Molmo takes 1"]
     config.data.pack_records = 3
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "expert"))
     spec = abstract_batch(config, mesh)
