@@ -26,6 +26,7 @@ from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import losses
 from molmo_jax.layers import lora, quant
 from molmo_jax import models as model_lib
+from molmo_jax.models import molmo2
 from molmo_jax import optim
 from molmo_jax import sharding
 from molmo_jax.train_logging import MetricsWriter, Progress
@@ -223,16 +224,6 @@ def build_step(config, mesh) -> StepSetup:
                      trainable_split(config)[0])
 
 
-def global_pooling(batch: dict, first_view: int) -> dict:
-    """A Molmo2 batch whose pooling indices (into this process's crops) point into the global batch's
-    crops, where this process's crops start at row `first_view` of the global `pixel_values`."""
-    pooling = batch.get("image_token_pooling")
-    if pooling is None or not first_view:
-        return batch
-    pooling, patches = np.asarray(pooling), np.asarray(batch["pixel_values"]).shape[1]
-    return dict(batch, image_token_pooling=np.where(pooling >= 0, pooling + first_view * patches, -1).astype(pooling.dtype))
-
-
 class Trainer:
     def __init__(self, config, workdir: str, mesh=None):
         self.config = config
@@ -332,7 +323,7 @@ class Trainer:
             views = np.asarray(batch["pixel_values"]).shape
             shape = (views[0] * jax.process_count(),) + views[1:]
             where = sharding.batch_sharding(self.mesh, len(shape), shape[0]).addressable_devices_indices_map(shape)
-            batch = global_pooling(batch, min(index[0].start or 0 for index in where.values()))
+            batch = molmo2.global_pooling(batch, min(index[0].start or 0 for index in where.values()))
         out = {}
         for k in losses.BATCH_KEYS:
             if k in batch and batch[k] is not None:
