@@ -165,7 +165,8 @@ class BatchMaker:
         k = s.pack_records
         lo, n = s.process_index * s.local_batch * k, s.local_batch * k
         counts: collections.Counter = collections.Counter()
-        examples = [self._example(rt, int(d), int(item), counts) for d, item in zip(choices[lo:lo + n], items[lo:lo + n])]
+        examples = [self._example(rt, int(d), int(item), counts)
+                    for d, item in zip(choices[lo:lo + n], items[lo:lo + n])]
         if k > 1:  # row r packs the examples of slots r*k .. r*k+k-1 (a pure function of the row)
             examples = [self._pack(rt, [ex for ex in examples[r:r + k] if ex is not None], counts)
                         for r in range(0, n, k)]

@@ -53,7 +53,8 @@ def abstract_batch(config, mesh) -> dict:
         pack = int(data.get("pack_records", 1))  # a packed row has room for `pack` records' views
         lay = batch_layout(*media_settings(cfg, c - 1), int(data.get("max_images", 1)) * pack,
                            int(data.get("max_frames", 0)) * pack)
-        names = ("input_ids", "target_tokens", "position_ids", "mm_token_type_ids") + (("subsegment_ids",) if pack > 1 else ())
+        names = ("input_ids", "target_tokens", "position_ids", "mm_token_type_ids")
+        names += ("subsegment_ids",) if pack > 1 else ()
         text = {k: ((b, t), jnp.int32) for k in names}
         shapes = dict(text, loss_masks=((b, t), jnp.float32),
                       pixel_values=((b * lay.crops, lay.patches, lay.pixels), jnp.float32),

@@ -173,4 +173,5 @@ def global_pooling(batch: dict, first_view: int) -> dict:
     import numpy as np
 
     pooling, patches = np.asarray(pooling), np.asarray(batch["pixel_values"]).shape[1]
-    return dict(batch, image_token_pooling=np.where(pooling >= 0, pooling + first_view * patches, -1).astype(pooling.dtype))
+    offset = np.where(pooling >= 0, pooling + first_view * patches, -1).astype(pooling.dtype)
+    return dict(batch, image_token_pooling=offset)
