@@ -26,7 +26,6 @@ from molmo_jax.analysis import flops as flops_lib
 from molmo_jax import losses
 from molmo_jax.layers import lora, quant
 from molmo_jax import models as model_lib
-from molmo_jax.models import molmo2
 from molmo_jax import optim
 from molmo_jax import sharding
 from molmo_jax.train_logging import MetricsWriter, Progress
@@ -319,11 +318,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _global_batch(self, batch: dict):
-        if jax.process_count() > 1 and batch.get("image_token_pooling") is not None:
+        if jax.process_count() > 1 and batch.get("image_token_pooling") is not None:  # a Molmo2 batch
+            from molmo_jax.preprocess.molmo2_example import global_pooling
+
             views = np.asarray(batch["pixel_values"]).shape
             shape = (views[0] * jax.process_count(),) + views[1:]
             where = sharding.batch_sharding(self.mesh, len(shape), shape[0]).addressable_devices_indices_map(shape)
-            batch = molmo2.global_pooling(batch, min(index[0].start or 0 for index in where.values()))
+            batch = global_pooling(batch, min(index[0].start or 0 for index in where.values()))
         out = {}
         for k in losses.BATCH_KEYS:
             if k in batch and batch[k] is not None:

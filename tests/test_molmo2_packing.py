@@ -125,7 +125,7 @@ def test_loader_packs_each_row_the_same_for_any_number_of_processes(tmp_path):
     halves two processes load are the single process's rows, their pooling indices pointing at the
     global crops once the trainer offsets them (`global_pooling`)."""
     from input_pipeline import make_train_iterator
-    from molmo_jax.models.molmo2 import global_pooling
+    from molmo_jax.preprocess.molmo2_example import global_pooling
 
     config = _config(tmp_path, pack_records=3)
     whole = make_train_iterator(config, 0, 1)

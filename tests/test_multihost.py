@@ -155,7 +155,7 @@ def test_checkpoints_are_written_once_and_the_run_resumes(runs):
 
 def test_molmo2_losses_match_the_single_process_run(tmp_path):
     """A Molmo2's pooling indices point into its process's own crops until the trainer offsets them
-    (`models.molmo2.global_pooling`); with packed rows (2 records each) the two-process run must see the single
+    (`molmo2_example.global_pooling`); with packed rows (2 records each) the two-process run must see the single
     process's global batch: the same loss weight exactly and the same losses to float32 rounding. `fan_in`
     init keeps the image features O(1) (at the tiny default init they are ~1e-8 and the loss could not tell
     which crops were pooled): indices left unoffset, which pool process 0's crops for process 1's tokens, move

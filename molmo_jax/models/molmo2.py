@@ -162,16 +162,3 @@ def check_token_counts(cfg, batch: dict) -> None:
     if n_tokens:
         raise ValueError(f"input_ids holds {n_tokens} image-patch tokens but no pixel_values / "
                          "pixel_values_videos with their pooling table")
-
-
-def global_pooling(batch: dict, first_view: int) -> dict:
-    """A Molmo2 batch whose pooling indices (into this process's crops) point into the global batch's
-    crops, where this process's crops start at row `first_view` of the global `pixel_values`."""
-    pooling = batch.get("image_token_pooling")
-    if pooling is None or not first_view:
-        return batch
-    import numpy as np
-
-    pooling, patches = np.asarray(pooling), np.asarray(batch["pixel_values"]).shape[1]
-    offset = np.where(pooling >= 0, pooling + first_view * patches, -1).astype(pooling.dtype)
-    return dict(batch, image_token_pooling=offset)

@@ -144,8 +144,9 @@ def _as_list(value, what: str) -> list:
 
 class Molmo2Examples:
     """Callable: (record, rng) -> one example's arrays (unbatched; see the module docstring). A record holds
-    `image` (one, or a list: several images) or `video` (its frames or their folder, with optional `fps`: the rate they were
-    taken at); a video is sampled to at most `max_frames` frames (the processor's own limits apply too)."""
+    `image` (one, or a list: several images) or `video` (its frames or their folder, with optional `fps`: the
+    rate they were taken at); a video is sampled to at most `max_frames` frames (the processor's own limits
+    apply too)."""
 
     def __init__(self, processor, seq_len: int, max_images: int = 1, max_frames: int = 0):
         self.processor, self.seq_len = processor, int(seq_len)
@@ -262,6 +263,21 @@ def _views(ex: dict):
     return (None, None) if crops is None else (crops, ex["video_token_pooling" if video else "image_token_pooling"])
 
 
+def shift_pooling(table: np.ndarray, patches: int) -> np.ndarray:
+    """Pooling indices moved `patches` patches on (the patches of the views before); empty slots stay -1."""
+    return np.where(table >= 0, table + patches, -1).astype(np.int32)
+
+
+def global_pooling(batch: dict, first_view: int) -> dict:
+    """A batch whose pooling indices (into this process's crops) point into the global batch's crops, where
+    this process's crops start at row `first_view` of the global `pixel_values` (several hosts)."""
+    pooling = batch.get("image_token_pooling")
+    if pooling is None or not first_view:
+        return batch
+    patches = np.asarray(batch["pixel_values"]).shape[1]
+    return dict(batch, image_token_pooling=shift_pooling(np.asarray(pooling), first_view * patches))
+
+
 def pack_row(examples: list[dict], seq_len: int, layout: BatchLayout) -> tuple[dict, int]:
     """(one example holding, in order, every one of `examples` that still fits the row's tokens, views and
     pooling rows, the number left out). The packed example numbers its records in `subsegment_ids` and
@@ -273,25 +289,20 @@ def pack_row(examples: list[dict], seq_len: int, layout: BatchLayout) -> tuple[d
         if (tokens + len(ex["input_ids"]) > seq_len or views + n_views > layout.crops or rows + n_rows > layout.rows
                 or (table is not None and table.shape[1] > layout.window)):
             continue
-        kept.append(ex)
+        kept.append((ex, crops, table, views))
         tokens, views, rows = tokens + len(ex["input_ids"]), views + n_views, rows + n_rows
     if not kept:
         raise SequenceError(f"none of {len(examples)} examples fits a packed row of {seq_len} tokens, {layout.crops} "
                             f"views and {layout.rows} pooling rows")
-    out = {key: np.concatenate([ex[key] for ex in kept]) for key in
+    out = {key: np.concatenate([k[0][key] for k in kept]) for key in
            ("input_ids", "target_tokens", "loss_masks", "position_ids", "mm_token_type_ids")}
-    out["subsegment_ids"] = np.concatenate([np.full(len(ex["input_ids"]), j, np.int32) for j, ex in enumerate(kept)])
-    pixels, tables, start = [], [], 0
-    for ex in kept:
-        crops, table = _views(ex)
-        if crops is not None:
-            wide = np.full((len(table), layout.window), -1, np.int32)
-            wide[:, :table.shape[1]] = np.where(table >= 0, table + start * layout.patches, -1)
-            pixels.append(crops)
-            tables.append(wide)
-            start += len(crops)
-    if pixels:
-        out.update(pixel_values=np.concatenate(pixels), image_token_pooling=np.concatenate(tables))
+    out["subsegment_ids"] = np.concatenate([np.full(len(k[0]["input_ids"]), j, np.int32) for j, k in enumerate(kept)])
+    media = [(crops, table, start) for _, crops, table, start in kept if crops is not None]
+    if media:
+        tables = [np.full((len(t), layout.window), -1, np.int32) for _, t, _ in media]
+        for wide, (_, table, start) in zip(tables, media):
+            wide[:, :table.shape[1]] = shift_pooling(table, start * layout.patches)
+        out.update(pixel_values=np.concatenate([c for c, _, _ in media]), image_token_pooling=np.concatenate(tables))
     return out, len(examples) - len(kept)
 
 
@@ -351,5 +362,5 @@ class Molmo2Collator:
             pixels[i * lay.crops:i * lay.crops + len(crops)] = crops
             offset = i * lay.crops * lay.patches
             rows = pooling[i * lay.rows:i * lay.rows + len(table), :table.shape[1]]
-            rows[:] = np.where(table >= 0, table + offset, -1)
+            rows[:] = shift_pooling(table, offset)
         return dict(out, pixel_values=pixels, image_token_pooling=pooling)
