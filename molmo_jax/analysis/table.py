@@ -75,14 +75,17 @@ def _libtpu() -> str:
         return "none"
 
 
-def generated_section(cells: list, targets: list, made: list, date: str) -> str:
+def generated_section(cells: list, targets: list, made: list, date: str, carried_rows: tuple = (),
+                      carried_note: str | None = None) -> str:
     """cells: dicts (title, stage, family, config, smallest, fastest); targets: dicts (config, title,
     topology, target, lean, fastest); made: every report; smallest/fastest/lean are reports, None (no
-    slice fits) or PENDING."""
+    slice fits) or PENDING. carried_rows: rows of the compile list kept from an earlier table, said
+    by carried_note."""
     import jax
     columns = "variant (mesh, examples per device x micro-batches, remat) | peak / usable HBM GiB | est. MFU | est. step (bound)"
     lines = [BEGIN, "", f"Generated on {date} by compiling the training step of commit {_commit()} (plus uncommitted "
-             f"changes, if any) with jax {jax.__version__} and libtpu {_libtpu()} on a 2-core CPU host.", "",
+             f"changes, if any) with jax {jax.__version__} and libtpu {_libtpu()} on a 2-core CPU host."
+             + (f" {carried_note}" if carried_note else ""), "",
              "| chip | usable HBM GiB | bf16 TFLOP/s | HBM GB/s | ICI GB/s (out, one way) |", "|---|---|---|---|---|"]
     lines += [f"| {c.name} | {c.hbm_bytes / 2 ** 30:.2f} | {c.peak_flops / 1e12:.0f} | {c.hbm_bw / 1e9:.0f} | "
               f"{c.ici_bw / 1e9:.0f} |" for c in aot.CHIPS.values()]
@@ -127,6 +130,7 @@ def generated_section(cells: list, targets: list, made: list, date: str) -> str:
               "| model | stage | slice | variant | peak / usable HBM GiB | est. MFU | est. step (bound) | "
               "compile s (wall / CPU) | fits |", "|---" * 9 + "|"]
     lines += [f"| {r['model']} | {r['stage']} | {_row(r)} | {'yes' if r['fits'] else 'no'} |" for r in made]
+    lines += list(carried_rows)
     return "\n".join(lines + ["", END])
 
 
@@ -145,12 +149,54 @@ def scaling_json(cells: list, targets: list, made: list, date: str) -> dict:
                             fastest=rec(c["fastest"])) for c in cells])
 
 
+def _report_of(rec: dict | None, model: str, stage: str):
+    """A docs/scaling.json record back as the report the tables print (None stays None)."""
+    if rec is None:
+        return None
+    v = rec.get("variant") or {}
+    roof = dict(step_s=rec["est_step_seconds"], mfu=rec["est_mfu"], bound=rec["bound"]) \
+        if rec.get("est_step_seconds") is not None else None
+    return dict(rec, model=model, stage=stage, mesh=dict(v.get("mesh") or {}), remat=v.get("remat"),
+                grad_accum_steps=v.get("grad_accum_steps"), roofline=roof)
+
+
+def previous_results(doc: str, json_path: str, keep) -> dict:
+    """What an earlier `--table` run found for the configs `keep` rejects: their cells and targets from
+    `json_path` (as reports) and their rows of the compile list in `doc`, with a sentence saying so."""
+    try:
+        with open(json_path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        return dict(cells={}, targets={}, rows=[])
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{json_path}: cannot read the earlier table to carry its other cells over: {e}")
+
+    def split(key):
+        model, stage = key.rsplit("_", 1)
+        return model, stage
+    cells = {(c["config"], c["family"]): dict(smallest=_report_of(c["smallest"], *split(c["config"])),
+                                              fastest=_report_of(c["fastest"], *split(c["config"])) or PENDING)
+             for c in old.get("cells", []) if c.get("searched") and not keep(c["config"])}
+    targets = {(t["config"], t["topology"]): dict(lean=_report_of(t["lean"], *split(t["config"])) or PENDING,
+                                                  fastest=_report_of(t["fastest"], *split(t["config"])))
+               for t in old.get("targets", []) if t.get("searched") and not keep(t["config"])}
+    compiles = doc.split("### Every compile the search made", 1)[-1].split(END, 1)[0].splitlines()
+    rows = [line for line in compiles if line.startswith("| ") and not line.startswith("| model ")
+            and line.count("|") > 3 and not keep("_".join(p.strip() for p in line.split("|")[1:3]))]
+    g = old.get("generated", {})
+    note = (f"Cells of the other configs are carried over from the table generated on {g.get('date', '?')} "
+            f"at commit {g.get('commit', '?')}.") if cells or targets else None
+    return dict(cells=cells, targets=targets, rows=rows, note=note)
+
+
 def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_only: bool = False, log=print,
                 only: str | None = None):
     """Run the passes (module doc) and rewrite the generated part of `out_path` (between the
     BEGIN/END markers; the prose around it is kept) and `json_path` after every search. `only`
     (a regex over config names) limits the compiling to matching cells and targets; the others are
-    filled from the cache (what it lacks stays "not searched yet")."""
+    filled from the cache, or else carried over from the `json_path` and `out_path` already there
+    (what neither holds stays "not searched yet"), so that one model can be searched again on a host
+    without the other models' compiles."""
     import re
 
     def read_doc():
@@ -159,11 +205,11 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
         if BEGIN not in doc or END not in doc:
             raise SystemExit(f"{out_path}: no '{BEGIN}' ... '{END}' markers to replace")
         return doc
-    read_doc()  # fail before hours of compiling, not after
+    keep = (lambda name: re.search(only, name) is not None) if only else (lambda name: True)
+    carried = previous_results(read_doc(), json_path, keep) if only else dict(cells={}, targets={}, rows=[])
     compiler = search.CachedCompiler(cache_dir, cached_only)
     from_cache = search.CachedCompiler(cache_dir, True)
     date = datetime.date.today().isoformat()
-    keep = (lambda name: re.search(only, name) is not None) if only else (lambda name: True)
     configs = {}
 
     def config(key):
@@ -181,7 +227,7 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
     made = []
 
     def write():
-        section = generated_section(cells, targets, made, date)
+        section = generated_section(cells, targets, made, date, carried["rows"], carried.get("note"))
         head, rest = read_doc().split(BEGIN, 1)
         for path, text in ((out_path, head + section + rest.split(END, 1)[1]),
                            (json_path, json.dumps(scaling_json(cells, targets, made, date), indent=1, default=float))):
@@ -198,6 +244,9 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             return None
 
     for t in targets:
+        if (t["config"], t["topology"]) in carried["targets"]:
+            t.update(carried["targets"][t["config"], t["topology"]])
+            continue
         run = compiler if keep(t["config"]) else from_cache
         log(f"{t['config']} on {t['topology']} (target est. MFU {t['target']:.0%}):")
         n = aot.parse_topology(t["topology"]).n_devices
@@ -206,12 +255,16 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             continue
         made.append(lean)
         t["lean"] = lean
+        log(f"  lean variant: {search.verdict(lean)}")
         found = attempt(search.fastest_variant, config(t["config"]), lean, run, log) if lean["fits"] else (None, [])
         if found is not None:
-            t["fastest"] = found[0] if found[0]["fits"] else None
+            t["fastest"] = found[0] if found[0] is not None and found[0]["fits"] else None
             made.extend(found[1][1:])
         write()
     for c in cells:
+        if (c["key"], c["family"]) in carried["cells"]:
+            c.update(carried["cells"][c["key"], c["family"]])
+            continue
         run = compiler if keep(c["key"]) else from_cache
         log(f"{c['title']} {c['stage']} on {c['family']}:")
         found = attempt(search.smallest_fit, c["config"], c["family"], run, log)
@@ -220,7 +273,7 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
             made.extend(found[1])
             write()
     for c in cells:
-        if c["smallest"] in (None, PENDING):
+        if c["smallest"] in (None, PENDING) or (c["key"], c["family"]) in carried["cells"]:
             continue
         run = compiler if keep(c["key"]) else from_cache
         log(f"{c['title']} {c['stage']}: faster variants on {c['smallest']['topology']}")

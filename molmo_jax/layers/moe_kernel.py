@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from molmo_jax import sharding
 
 TILE_M, TILE_K, TILE_N = 512, 1024, 1024  # megablox's usual tiles; smaller dims use the whole dim
+LANE = 128  # a TPU block's last dimension is a multiple of this or the array's whole dimension
 
 
 def _round_up(n: int, m: int) -> int:
@@ -33,7 +34,11 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-    return min(TILE_M, _round_up(m, 8)), min(TILE_K, k), min(TILE_N, n)
+    """Row, contraction and output tiles. The kernels' gradients reuse one tiling with the roles of k
+    and n exchanged, so where both are lane multiples one tile that divides both serves every call."""
+    tm = min(TILE_M, _round_up(m, 8))
+    t = next((t for t in (TILE_K, 512, 256, LANE) if k % t == 0 and n % t == 0), None)
+    return (tm, t, t) if t else (tm, min(TILE_K, k), min(TILE_N, n))
 
 
 def _experts_local(x, experts, weights, wg, wu, wd, *, n_experts, expert_axis, gather, tensor_axis,
@@ -45,6 +50,13 @@ def _experts_local(x, experts, weights, wg, wu, wd, *, n_experts, expert_axis, g
     if gather:  # expert parallelism: every device of the expert group sees the group's tokens
         x, experts, weights = (jax.lax.all_gather(a, expert_axis, axis=0, tiled=True)
                                for a in (x, experts, weights))
+    f = wg.shape[2]
+    if f % LANE:
+        # A hidden width split below a lane multiple (MolmoE's 1024 over tensor=16: 64) cannot be a TPU
+        # block: pad it with zero columns, which add silu(0) * 0 = 0 and get gradients sliced away.
+        pad = _round_up(f, LANE) - f
+        wg, wu = (jnp.pad(w, ((0, 0), (0, 0), (0, pad))) for w in (wg, wu))
+        wd = jnp.pad(wd, ((0, 0), (0, pad), (0, 0)))
     n, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
