@@ -578,3 +578,19 @@ def test_search_keeps_the_fastest_variant_that_fits():
     cached = FakeCompiler(steps, cached={(2, "full", 4)})
     best, _ = search.fastest_variant(cfg, start, cached, lambda m: None)
     assert (best["variant"]["micro"], best["remat"]) == (2, "full")
+
+
+def test_moe_search_moves_the_mesh_first_and_tries_fsdp_alone():
+    """A MoE's lean start (the largest tensor split) is its slowest variant: its search tries the mesh
+    first, FSDP alone among the moves, and reaches it without walking every tensor halving."""
+    cfg = small_config()
+    cfg.model.llm.update(moe_num_experts=8, moe_top_k=2, mlp_dim=256, d_model=256, n_heads=8, head_dim=32)
+    cfg.batch_size = 16
+    lean_cfg = search.lean_variant(cfg, 16)
+    assert search.describe(lean_cfg)["mesh"] == dict(tensor=8, fsdp=2)
+    steps = {(1, "full", 8): 9.0, (1, "full", 4): 6.0, (1, "full", 1): 1.0}
+    start = FakeCompiler(steps)(lean_cfg, "v5p-32")
+    run = FakeCompiler(steps)
+    best, _ = search.fastest_variant(cfg, start, run, lambda m: None)
+    assert run.calls[0][2] != 8 and (1, "full", 1) in run.calls[:3]
+    assert best["mesh"].get("tensor", 1) == 1 and best["roofline"]["step_s"] == 1.0

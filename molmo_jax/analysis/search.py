@@ -197,7 +197,9 @@ def _neighbours(config, v: dict, n_devices: int, knob: str) -> list:
                 out += [(mesh, micro, r)] + ([(mesh, micro // 2, r)] if micro > 1 else [])
     elif knob == "mesh":
         choices = tensor_choices(config, n_devices)
-        for t in (tensor // 2, tensor * 2):
+        # A MoE also tries its experts on FSDP alone: split over tensor, every tensor device runs the
+        # token sort and unsort gathers of the whole group (docs/scaling.md, mixture of experts).
+        for t in (tensor // 2, tensor * 2) + ((1,) if _moe(config) and tensor > 2 else ()):
             if t in choices and n_devices % (t * expert) == 0:
                 out.append((dict(fsdp=n_devices // (t * expert), tensor=t, expert=expert), micro, remat))
         if _moe(config):
@@ -219,7 +221,8 @@ def fastest_variant(config, start: dict, run, log, max_rounds: int = 2) -> tuple
     best, tried, seen = start, [start], {json.dumps(start.get("variant"), sort_keys=True)}
     for _ in range(max_rounds):
         improved = False
-        for knob in ("micro", "remat", "mesh", "micro"):
+        # A MoE's split decides most (its lean start, the largest tensor split, is its slowest): mesh first.
+        for knob in (("mesh",) if _moe(config) else ()) + ("micro", "remat", "mesh", "micro"):
             while True:
                 moved = False
                 for c in _neighbours(config, best["variant"], n, knob):
