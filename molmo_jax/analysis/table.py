@@ -225,6 +225,10 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
     targets = [dict(config=k, title=titles[k.rsplit("_", 1)[0]], topology=t, target=m, lean=PENDING, fastest=PENDING)
                for k, t, m in TARGETS]
     made = []
+    for t in targets:  # carried over before the first write, so that every partial table holds them
+        t.update(carried["targets"].get((t["config"], t["topology"]), {}))
+    for c in cells:
+        c.update(carried["cells"].get((c["key"], c["family"]), {}))
 
     def write():
         section = generated_section(cells, targets, made, date, carried["rows"], carried.get("note"))
@@ -245,7 +249,6 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
 
     for t in targets:
         if (t["config"], t["topology"]) in carried["targets"]:
-            t.update(carried["targets"][t["config"], t["topology"]])
             continue
         run = compiler if keep(t["config"]) else from_cache
         log(f"{t['config']} on {t['topology']} (target est. MFU {t['target']:.0%}):")
@@ -263,7 +266,6 @@ def write_table(out_path: str, json_path: str, cache_dir: str | None, cached_onl
         write()
     for c in cells:
         if (c["key"], c["family"]) in carried["cells"]:
-            c.update(carried["cells"][c["key"], c["family"]])
             continue
         run = compiler if keep(c["key"]) else from_cache
         log(f"{c['title']} {c['stage']} on {c['family']}:")
